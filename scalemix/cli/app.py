@@ -1,0 +1,31 @@
+"""The Typer application: one sub-module per command group."""
+
+from __future__ import annotations
+
+import typer
+
+from scalemix.cli import models_cmd, privacy_cmd, train_cmd
+
+app = typer.Typer(
+    name="scalemix",
+    help=(
+        "Differentially private (DP-SGD) training of residual networks, scale-mixing "
+        "diagnostics, ablation grids and statistical reports.\n\n"
+        "Start with:  scalemix train --out runs/demo   (embedded data, no download, CPU)"
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.command("train")(train_cmd.train)
+app.command("models")(models_cmd.models)
+app.add_typer(privacy_cmd.app, name="privacy")
+
+
+@app.command("version")
+def version() -> None:
+    """Print the scalemix version."""
+    from scalemix import __version__
+
+    typer.echo(__version__)

@@ -1,0 +1,213 @@
+"""Image data sets held in memory as uint8 tensors (N, C, H, W).
+
+- ``digits``: the embedded offline default. The 1,797 real handwritten digits (8x8, from
+  UCI) that ship inside scikit-learn, upsampled to 16x16; a fixed stratified split of
+  1,437 train / 360 test. No download, runs anywhere.
+- ``cifar10``: the standard python layout (``cifar-10-batches-py/``, what torchvision
+  reads), 50,000 train / 10,000 test.
+- ``imagenette``: class folders of JPEGs (``train/<wnid>/*.JPEG``, ``val/<wnid>/*.JPEG``,
+  the fast.ai imagenette2 layout), resized (shorter side) and centre-cropped to ``size``.
+
+Images stay uint8 until a batch is taken; ``normalize`` turns a batch into float on the
+device. Nothing here downloads unless asked (``download.py``).
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from scalemix.errors import DataError
+
+DATASETS = ("digits", "cifar10", "imagenette")
+
+
+@dataclass
+class ImageData:
+    name: str
+    train_x: torch.Tensor  # uint8 (N, C, H, W)
+    train_y: torch.Tensor  # int64 (N,)
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    num_classes: int
+    mean: tuple[float, ...]  # per channel, on the [0, 1] scale
+    std: tuple[float, ...]
+    source: str = ""  # where it was read from
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.train_x.shape[1])
+
+    @property
+    def resolution(self) -> int:
+        return int(self.train_x.shape[-1])
+
+    def to(self, device: torch.device) -> ImageData:
+        for k in ("train_x", "train_y", "test_x", "test_y"):
+            setattr(self, k, getattr(self, k).to(device))
+        return self
+
+    def summary(self) -> dict:
+        return {
+            "name": self.name,
+            "train_size": int(self.train_x.shape[0]),
+            "test_size": int(self.test_x.shape[0]),
+            "num_classes": self.num_classes,
+            "shape": list(self.train_x.shape[1:]),
+            "source": self.source,
+        }
+
+
+def normalize(x_uint8: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 batch -> float32, scaled to [0, 1] and standardised per channel."""
+    x = x_uint8.float().div_(255.0)
+    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    return (x - m) / s
+
+
+def _channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    xf = x.float() / 255.0
+    return tuple(xf.mean(dim=(0, 2, 3)).tolist()), tuple(xf.std(dim=(0, 2, 3)).tolist())
+
+
+# --------------------------------------------------------------------------- digits
+
+
+def load_digits(size: int = 16, test_fraction: float = 0.2) -> ImageData:
+    """scikit-learn's embedded handwritten digits, upsampled to ``size`` px."""
+    from sklearn.datasets import load_digits as _sk_digits
+
+    d = _sk_digits()
+    x = torch.from_numpy(d.images).float().unsqueeze(1) / 16.0  # (1797, 1, 8, 8) in [0, 1]
+    if size != 8:
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    x = (x.clamp(0, 1) * 255).round().to(torch.uint8)
+    y = torch.from_numpy(d.target).long()
+    # Fixed stratified split (seed 0): the same on every machine.
+    g = torch.Generator().manual_seed(0)
+    test_idx = []
+    for c in range(10):
+        idx = torch.nonzero(y == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        test_idx.append(idx[: round(len(idx) * test_fraction)])
+    test_mask = torch.zeros(len(y), dtype=torch.bool)
+    test_mask[torch.cat(test_idx)] = True
+    tr_x, tr_y, te_x, te_y = x[~test_mask], y[~test_mask], x[test_mask], y[test_mask]
+    mean, std = _channel_stats(tr_x)
+    return ImageData("digits", tr_x, tr_y, te_x, te_y, 10, mean, std, source="sklearn.datasets")
+
+
+# --------------------------------------------------------------------------- CIFAR-10
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+
+def find_cifar10_dir(data_dir: str | Path) -> Path:
+    root = Path(data_dir).expanduser()
+    for cand in (root, root / "cifar-10-batches-py"):
+        if (cand / "data_batch_1").is_file() and (cand / "test_batch").is_file():
+            return cand
+    if not root.exists():
+        raise DataError(
+            f"data directory {str(root)!r} does not exist; point --data-dir at a folder holding "
+            "cifar-10-batches-py/ or add --download"
+        )
+    raise DataError(
+        f"no CIFAR-10 in {str(root)!r} (expected cifar-10-batches-py/data_batch_1..5 and "
+        "test_batch); add --download to fetch it"
+    )
+
+
+def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with open(path, "rb") as fh:
+            d = pickle.load(fh, encoding="latin1")
+        x = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        y = np.asarray(d["labels"], dtype=np.int64)
+    except Exception as e:  # corrupt or foreign file
+        raise DataError(f"could not read CIFAR-10 batch {path}: {e}") from None
+    return x, y
+
+
+def load_cifar10(data_dir: str | Path) -> ImageData:
+    d = find_cifar10_dir(data_dir)
+    parts = [_read_cifar_batch(d / f"data_batch_{i}") for i in range(1, 6)]
+    tx, ty = _read_cifar_batch(d / "test_batch")
+    x = torch.from_numpy(np.concatenate([p[0] for p in parts]))
+    y = torch.from_numpy(np.concatenate([p[1] for p in parts]))
+    return ImageData(
+        "cifar10", x, y, torch.from_numpy(tx), torch.from_numpy(ty), 10,
+        CIFAR10_MEAN, CIFAR10_STD, source=str(d),
+    )
+
+
+# --------------------------------------------------------------------------- ImageNette
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _load_image_folder(folder: Path, classes: list[str], size: int):
+    from PIL import Image
+
+    xs, ys = [], []
+    for ci, c in enumerate(classes):
+        files = sorted(p for p in (folder / c).iterdir() if p.suffix.lower() in (".jpeg", ".jpg", ".png"))
+        for p in files:
+            with Image.open(p) as im:
+                im = im.convert("RGB")
+                w, h = im.size
+                s = size / min(w, h)
+                im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BILINEAR)
+                w, h = im.size
+                left, top = (w - size) // 2, (h - size) // 2
+                im = im.crop((left, top, left + size, top + size))
+                xs.append(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1))
+                ys.append(ci)
+    if not xs:
+        raise DataError(f"no images under {folder}")
+    return torch.from_numpy(np.stack(xs)), torch.tensor(ys, dtype=torch.long)
+
+
+def load_imagenette(data_dir: str | Path, size: int = 160) -> ImageData:
+    root = Path(data_dir).expanduser()
+    for cand in (root, root / "imagenette2-160", root / "imagenette2-320", root / "imagenette2"):
+        if (cand / "train").is_dir() and (cand / "val").is_dir():
+            root = cand
+            break
+    else:
+        raise DataError(
+            f"no ImageNette in {str(root)!r} (expected train/<class>/*.JPEG and val/<class>/*.JPEG); "
+            "add --download to fetch it"
+        )
+    classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+    if not classes:
+        raise DataError(f"no class folders in {root / 'train'}")
+    tr_x, tr_y = _load_image_folder(root / "train", classes, size)
+    te_x, te_y = _load_image_folder(root / "val", classes, size)
+    return ImageData(
+        "imagenette", tr_x, tr_y, te_x, te_y, len(classes), IMAGENET_MEAN, IMAGENET_STD, source=str(root)
+    )
+
+
+def load_data(name: str, data_dir: str | Path | None = None, *, download: bool = False, size: int | None = None) -> ImageData:
+    """Load a data set by name; ``download`` fetches CIFAR-10 / ImageNette when missing."""
+    if name == "digits":
+        return load_digits(size or 16)
+    if name not in DATASETS:
+        raise DataError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
+    if data_dir is None:
+        raise DataError(f"--data {name} needs --data-dir DIR (add --download to fetch it there)")
+    if download:
+        from scalemix.data.download import ensure_downloaded
+
+        ensure_downloaded(name, data_dir)
+    if name == "cifar10":
+        return load_cifar10(data_dir)
+    return load_imagenette(data_dir, size or 160)

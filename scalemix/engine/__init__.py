@@ -1,0 +1,19 @@
+"""Gradient engines: per-example clipped gradient sums for one physical chunk."""
+
+from scalemix.engine.base import ChunkResult, Engine, clip_factors
+from scalemix.engine.nonprivate import NonPrivateEngine
+from scalemix.engine.vmap import VmapEngine
+from scalemix.errors import ConfigError
+
+ENGINES = {"vmap": VmapEngine, "nonprivate": NonPrivateEngine}
+DP_ENGINES = ("vmap",)
+
+
+def make_engine(name: str, model, clip: float | None) -> Engine:
+    try:
+        return ENGINES[name](model, clip)
+    except KeyError:
+        raise ConfigError(f"unknown engine {name!r}; choose one of {', '.join(DP_ENGINES)}") from None
+
+
+__all__ = ["DP_ENGINES", "ENGINES", "ChunkResult", "Engine", "NonPrivateEngine", "VmapEngine", "clip_factors", "make_engine"]

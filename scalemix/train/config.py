@@ -1,0 +1,148 @@
+"""The training configuration: one frozen, keyword-only dataclass with documented fields.
+
+``batch_size`` is the *expected* logical batch size that Poisson sampling and the
+accountant assume (q = batch_size / train set size); ``physical_batch`` only bounds
+memory. ``resolve()`` checks every field and refuses unsafe privacy settings with the
+reason (BatchNorm under DP, a sampler the accountant does not describe, ...).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+
+from scalemix.data import AUGMENTATIONS, DATASETS
+from scalemix.errors import ConfigError, PrivacyError
+from scalemix.models import BATCH_COUPLED_NORMS, resolve_axes
+from scalemix.privacy import ACCOUNTANTS, NOISE_MODES, SAMPLERS
+
+OPTIMIZERS = ("sgd", "momentum", "nadam")
+SCHEDULES = ("constant", "cosine")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    # --- model (None = the architecture's default; see `scalemix models`)
+    model: str = "resnet9"
+    norm: str | None = None  # group | layer | instance | none | public_batch | batch
+    groups: int | None = None  # GroupNorm groups, 1..64, must divide the channels
+    scalenorm: bool | None = None  # extra norm right after each residual addition
+    placement: str | None = None  # standard (conv->norm->act) | preact (norm->act->conv)
+    ws: str | None = None  # weight standardisation: none | plain | scaled
+    act: str | None = None  # relu | mish | silu
+    # --- data
+    data: str = "digits"  # digits (embedded, offline) | cifar10 | imagenette
+    data_dir: str | None = None  # folder with cifar-10-batches-py/ or ImageNette's train/ val/
+    download: bool = False  # fetch CIFAR-10 / ImageNette into data_dir when missing
+    image_size: int | None = None  # ImageNette resize (default 160) / digits upsampling (16)
+    public_size: int = 0  # examples held out of training as the public batch (public_batch norm)
+    aug: str = "none"  # none | crop-flip (reflect-pad 4 + random crop, horizontal flip)
+    aug_mult: int = 1  # K: augmented views per example, averaged before clipping
+    # --- privacy
+    non_private: bool = False  # same loop, no clipping, no noise, no epsilon
+    epsilon: float | None = 8.0  # target epsilon: sigma is calibrated to it
+    sigma: float | None = None  # or: a given noise multiplier (epsilon is then reported)
+    delta: float = 1e-5
+    clip: float = 1.5  # per-example gradient norm bound C
+    accountant: str = "prv"  # prv (default) | rdp
+    sampler: str = "poisson"  # poisson (DP) | shuffle (non-private only)
+    noise: str = "seeded"  # seeded (reproducible, labelled) | secure (OS entropy)
+    engine: str = "vmap"  # per-example gradient engine
+    # --- optimisation
+    epochs: float = 10.0  # passes over the data in expectation: steps = round(epochs / q)
+    batch_size: int = 256  # expected logical batch size (what the accountant assumes)
+    physical_batch: int = 64  # examples per forward/backward chunk (memory bound)
+    lr: float = 1e-3
+    optimizer: str = "nadam"  # sgd | momentum (0.9, Nesterov) | nadam
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    lr_schedule: str = "constant"  # constant | cosine (over the planned steps)
+    ema: float | None = 0.999  # EMA decay of the parameters (None: off)
+    # --- run
+    seed: int = 0  # model init, sampler, augmentation, and (seeded mode) noise
+    device: str = "auto"  # auto | cpu | cuda
+    out: str = "runs/train"
+    checkpoint_every: int = 50  # steps between checkpoints (and at every epoch end)
+    threads: int | None = None  # CPU threads for torch (default: torch's choice)
+
+    def replace(self, **kw) -> TrainConfig:
+        return replace(self, **kw)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"unknown configuration keys: {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+    def model_axes(self):
+        return resolve_axes(
+            self.model, norm=self.norm, groups=self.groups, scalenorm=self.scalenorm,
+            placement=self.placement, ws=self.ws, act=self.act,
+        )
+
+    def validate(self) -> TrainConfig:
+        """Check every field; raise ConfigError / PrivacyError with what to do."""
+
+        def choice(value, allowed, flag):
+            if value not in allowed:
+                raise ConfigError(f"{flag} {value!r} is not one of: {', '.join(allowed)}")
+
+        choice(self.data, DATASETS, "--data")
+        choice(self.aug, AUGMENTATIONS, "--aug")
+        choice(self.accountant, ACCOUNTANTS, "--accountant")
+        choice(self.sampler, SAMPLERS, "--sampler")
+        choice(self.noise, NOISE_MODES, "--noise")
+        choice(self.optimizer, OPTIMIZERS, "--optimizer")
+        choice(self.lr_schedule, SCHEDULES, "--lr-schedule")
+        choice(self.device, DEVICES, "--device")
+        positive = {
+            "--epochs": self.epochs, "--batch-size": self.batch_size, "--physical-batch": self.physical_batch,
+            "--lr": self.lr, "--aug-mult": self.aug_mult, "--checkpoint-every": self.checkpoint_every,
+        }
+        for flag, v in positive.items():
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ConfigError(f"{flag} must be a positive number, got {v}")
+        if self.weight_decay < 0 or not 0 <= self.momentum < 1:
+            raise ConfigError("--weight-decay must be >= 0 and --momentum in [0, 1)")
+        if self.ema is not None and not 0 < self.ema < 1:
+            raise ConfigError(f"--ema must be in (0, 1) (or --no-ema), got {self.ema}")
+        if self.public_size < 0:
+            raise ConfigError(f"--public-size must be >= 0, got {self.public_size}")
+        if self.aug_mult > 1 and self.aug == "none":
+            raise ConfigError(f"--aug-mult {self.aug_mult} needs augmentation: add --aug crop-flip")
+        axes = self.model_axes()
+        if axes.norm == "public_batch" and self.public_size < 1:
+            raise ConfigError("--norm public_batch needs --public-size N (examples held out as public data)")
+        if self.non_private:
+            return self
+        # ---- DP only from here: refuse what would break the guarantee.
+        if axes.norm in BATCH_COUPLED_NORMS:
+            raise PrivacyError(
+                "BatchNorm normalises each example with statistics of the whole batch, so one "
+                "example's output and gradient depend on the others and per-example clipping no "
+                "longer bounds its influence (DP-SGD's sensitivity breaks). Use --norm group "
+                "(or layer/instance), --norm public_batch --public-size N (statistics from public "
+                "data only, Davody et al. 2020), or --non-private for a baseline"
+            )
+        if self.sampler != "poisson":
+            from scalemix.privacy import check_sampler
+
+            check_sampler(self.sampler, self.accountant)
+        if self.clip is None or not (math.isfinite(self.clip) and self.clip > 0):
+            raise ConfigError(f"--clip must be a positive number, got {self.clip}")
+        if not 0 < self.delta < 1:
+            raise ConfigError(f"--delta must be in (0, 1), got {self.delta}")
+        if self.sigma is not None:
+            if not (math.isfinite(self.sigma) and self.sigma > 0):
+                raise ConfigError(f"--sigma must be a positive number, got {self.sigma}")
+        elif self.epsilon is None or not (math.isfinite(self.epsilon) and self.epsilon > 0):
+            raise ConfigError(f"--epsilon must be a positive number, got {self.epsilon}")
+        if self.engine not in ("vmap",):
+            raise ConfigError(f"--engine {self.engine!r} is not one of: vmap")
+        return self

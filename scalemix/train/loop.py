@@ -1,0 +1,459 @@
+"""The DP-SGD training loop, top to bottom.
+
+One step:
+  1. Poisson-sample a logical batch (each example joins with probability q).
+  2. (public_batch norm) recompute the normalisation statistics from the public batch.
+  3. For each physical chunk: normalise, make K augmented views on the device, and let
+     the engine return the sum of the per-example clipped gradients (views averaged
+     per example before clipping).
+  4. Add Gaussian noise N(0, (sigma C)^2) once to the sum, divide by the *expected*
+     batch size, and take an optimiser step; update the EMA.
+  5. Record the step in the privacy ledger (the only source of the reported epsilon).
+Non-private mode runs the same loop with no clipping, no noise and no ledger.
+
+Evaluation runs at the end of each epoch (``steps_per_epoch = round(1/q)`` steps) and at
+the last step; the reported accuracy is the last one, never the best.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from scalemix import __version__
+from scalemix.data import ImageData, augment, load_data, normalize
+from scalemix.engine import NonPrivateEngine, make_engine
+from scalemix.errors import ConfigError, Diverged, PrivacyError
+from scalemix.models import create_model, has_public_bn, refresh_public_stats
+from scalemix.privacy import Ledger, NoiseSource, PoissonSampler, ShuffleSampler, sigma_for
+from scalemix.privacy.mechanism import noisy_mean
+from scalemix.train.config import TrainConfig
+from scalemix.train.ema import EMA
+from scalemix.train.optim import make_optimizer, make_schedule
+from scalemix.train.rundir import CsvLog, RunDir, save_atomic, write_json_atomic
+
+STEP_COLUMNS = [
+    "step", "epoch", "batch", "loss", "train_acc", "lr", "grad_norm_median",
+    "clip_fraction", "step_seconds", "images_per_second",
+]
+EPOCH_COLUMNS = [
+    "step", "epoch", "epsilon", "test_acc", "test_loss", "test_acc_ema", "test_loss_ema",
+    "train_seconds",
+]
+PUBLIC_SPLIT_SEED = 1234  # the public hold-out is a property of the data, not of the run
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available here; use --device auto or cpu")
+    return torch.device(name)
+
+
+class Interrupted(Exception):
+    """Raised by ``stop_after`` (tests) to simulate a crash after a step."""
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        *,
+        data: ImageData | None = None,
+        resume: bool = False,
+        progress: bool = True,
+        log=print,
+    ):
+        self.cfg = cfg.validate()
+        self.log = log
+        self.progress = progress
+        self.run_dir = RunDir(cfg.out)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.device = resolve_device(cfg.device)
+        self._check_out_dir(resume)
+
+        # ---- data (uint8 on the device; normalised per chunk)
+        data = data or load_data(cfg.data, cfg.data_dir, download=cfg.download, size=cfg.image_size)
+        self.data_summary = data.summary()
+        self.mean, self.std = data.mean, data.std
+        train_x, train_y = data.train_x, data.train_y
+        self.public_x = None
+        if cfg.public_size:
+            if cfg.public_size >= len(train_y):
+                raise ConfigError(f"--public-size {cfg.public_size} leaves no training data")
+            perm = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(PUBLIC_SPLIT_SEED))
+            pub, priv = perm[: cfg.public_size], perm[cfg.public_size :].sort().values
+            self.public_x = normalize(train_x[pub], data.mean, data.std).to(self.device)
+            train_x, train_y = train_x[priv], train_y[priv]
+        self.train_x, self.train_y = train_x.to(self.device), train_y.to(self.device)
+        self.test_x, self.test_y = data.test_x.to(self.device), data.test_y.to(self.device)
+        self.n = len(self.train_y)
+
+        # ---- sampling and privacy
+        self.private = not cfg.non_private
+        self.q = cfg.batch_size / self.n
+        if self.q > 1:
+            raise ConfigError(
+                f"--batch-size {cfg.batch_size} is larger than the {self.n} training examples; lower it"
+            )
+        self.steps_per_epoch = max(1, round(1 / self.q))
+        self.total_steps = max(1, round(cfg.epochs / self.q))
+        if self.private:
+            if cfg.delta >= 1 / self.n:
+                raise PrivacyError(
+                    f"--delta {cfg.delta:g} is not below 1/N = {1 / self.n:.2e} for N = {self.n} "
+                    "training examples; such a delta allows releasing an example outright. "
+                    "Use a delta well below 1/N (e.g. 1e-5)"
+                )
+            self.ledger = Ledger(cfg.accountant, cfg.sampler)
+            if cfg.sigma is not None:
+                self.sigma = float(cfg.sigma)
+            else:
+                self.sigma = sigma_for(
+                    epsilon=cfg.epsilon, sample_rate=self.q, steps=self.total_steps,
+                    delta=cfg.delta, accountant=cfg.accountant,
+                )
+        else:
+            self.ledger, self.sigma = None, 0.0
+        if cfg.sampler == "poisson":
+            self.sampler = PoissonSampler(self.n, self.q, cfg.seed)
+        else:
+            self.sampler = ShuffleSampler(self.n, cfg.batch_size, cfg.seed)
+        self.noise = NoiseSource(cfg.noise, cfg.seed, self.device)
+        self.aug_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)
+
+        # ---- model, engine, optimiser
+        torch.manual_seed(cfg.seed)
+        self.model = create_model(
+            cfg.model, num_classes=data.num_classes, in_channels=data.in_channels,
+            **cfg.model_axes().as_dict(),
+        ).to(self.device)
+        self.num_params = sum(p.numel() for p in self.model.parameters())
+        self.engine = make_engine(cfg.engine, self.model, cfg.clip) if self.private else NonPrivateEngine(self.model)
+        self.optimizer = make_optimizer(
+            cfg.optimizer, self.engine.params, cfg.lr, cfg.momentum, cfg.weight_decay
+        )
+        self.schedule = make_schedule(self.optimizer, cfg.lr_schedule, self.total_steps)
+        self.ema = EMA(self.model, cfg.ema) if cfg.ema else None
+        self.step = 0
+        self.train_seconds = 0.0
+        self.images_seen = 0
+        self.last_eval: dict = {}
+
+        self.resumed_from = None
+        if resume and self.run_dir.checkpoint.exists():
+            self._load_checkpoint()
+            self.run_dir.result.unlink(missing_ok=True)  # a stale failed/diverged result
+        self.run_dir.root.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.run_dir.config, self.resolved_config())
+        self.metrics = CsvLog(self.run_dir.metrics_path, STEP_COLUMNS)
+        self.epochs_log = CsvLog(self.run_dir.epochs_path, EPOCH_COLUMNS)
+        if self.resumed_from is not None:
+            self.metrics.truncate_after(self.step)
+            self.epochs_log.truncate_after(self.step)
+        else:
+            for p in (self.run_dir.metrics_path, self.run_dir.epochs_path):
+                p.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ setup helpers
+
+    def _check_out_dir(self, resume: bool) -> None:
+        rd = self.run_dir
+        if not rd.root.exists():
+            return
+        result = rd.read_result()
+        if result is not None and not resume:
+            raise ConfigError(
+                f"{rd.root} already holds a finished run (status {result.get('status')}); "
+                "choose another --out or delete it"
+            )
+        if rd.checkpoint.exists() and not resume:
+            raise ConfigError(f"{rd.root} holds an unfinished run; add --resume to continue it, or choose another --out")
+        if resume and rd.checkpoint.exists():
+            saved = rd.read_config()
+            if saved is not None and saved.get("config") != self.cfg.as_dict():
+                diff = sorted(
+                    k for k in self.cfg.as_dict()
+                    if saved["config"].get(k) != self.cfg.as_dict()[k]
+                )
+                raise ConfigError(
+                    f"--resume: the configuration differs from the run in {rd.root} ({', '.join(diff)}); "
+                    "resume with the same options"
+                )
+
+    def resolved_config(self) -> dict:
+        return {
+            "config": self.cfg.as_dict(),
+            "resolved": {
+                "model_axes": self.model.axes.as_dict(),
+                "num_params": self.num_params,
+                "data": self.data_summary,
+                "train_size": self.n,
+                "public_size": self.cfg.public_size,
+                "private": self.private,
+                "sigma": self.sigma,
+                "sample_rate": self.q,
+                "expected_batch_size": self.cfg.batch_size,
+                "steps": self.total_steps,
+                "steps_per_epoch": self.steps_per_epoch,
+                "noise": self.noise.label if self.private else None,
+                "engine": self.engine.name,
+                "device": str(self.device),
+                "torch": torch.__version__,
+                "version": __version__,
+            },
+        }
+
+    # ------------------------------------------------------------------ one step
+
+    def _chunks(self, idx: torch.Tensor):
+        cfg = self.cfg
+        for chunk in idx.split(cfg.physical_batch):
+            x = normalize(self.train_x[chunk], self.mean, self.std)
+            yield augment(x, cfg.aug_mult, self.aug_gen, cfg.aug), self.train_y[chunk]
+
+    def train_step(self) -> dict:
+        cfg, dev = self.cfg, self.device
+        t0 = time.perf_counter()
+        idx = self.sampler.next().to(dev)
+        self.model.train()
+        if self.public_x is not None:
+            refresh_public_stats(self.model, self.public_x)
+        grads = [torch.zeros_like(p) for p in self.engine.params]
+        loss_sum = torch.zeros((), device=dev)
+        correct = torch.zeros((), device=dev)
+        norms = []
+        for x, y in self._chunks(idx):
+            r = self.engine(x, y)
+            torch._foreach_add_(grads, r.grads)
+            loss_sum += r.loss_sum
+            correct += r.correct
+            if r.norms is not None:
+                norms.append(r.norms)
+        if not torch.isfinite(loss_sum):
+            raise Diverged(f"non-finite training loss at step {self.step + 1}")
+        noisy_mean(
+            grads, sigma=self.sigma, clip=cfg.clip if self.private else None,
+            expected_batch_size=cfg.batch_size, noise=self.noise,
+        )
+        for p, g in zip(self.engine.params, grads):
+            p.grad = g
+        self.optimizer.step()
+        self.schedule.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        if self.private:
+            self.ledger.step(self.sigma, self.q)
+        self.step += 1
+        b = len(idx)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        self.train_seconds += dt
+        self.images_seen += b
+        row = {
+            "step": self.step,
+            "epoch": self.step / self.steps_per_epoch,
+            "batch": b,
+            "loss": float(loss_sum) / max(b, 1),
+            "train_acc": float(correct) / max(b, 1),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "step_seconds": dt,
+            "images_per_second": b / dt if dt > 0 else None,
+        }
+        if norms:
+            n = torch.cat(norms)
+            row["grad_norm_median"] = float(n.median())
+            row["clip_fraction"] = float((n > cfg.clip).float().mean())
+        return row
+
+    # ------------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module) -> tuple[float, float]:
+        model.eval()
+        if self.public_x is not None:
+            refresh_public_stats(model, self.public_x)
+        correct, loss = 0.0, 0.0
+        for i in range(0, len(self.test_y), 500):
+            x = normalize(self.test_x[i : i + 500], self.mean, self.std)
+            y = self.test_y[i : i + 500]
+            out = model(x)
+            loss += float(torch.nn.functional.cross_entropy(out, y, reduction="sum"))
+            correct += float((out.argmax(1) == y).sum())
+        n = len(self.test_y)
+        return correct / n, loss / n
+
+    def epsilon(self) -> float | None:
+        return self.ledger.epsilon(self.cfg.delta) if self.private else None
+
+    def eval_row(self) -> dict:
+        acc, loss = self.evaluate(self.model)
+        row = {
+            "step": self.step, "epoch": self.step / self.steps_per_epoch, "epsilon": self.epsilon(),
+            "test_acc": acc, "test_loss": loss, "train_seconds": self.train_seconds,
+        }
+        if self.ema is not None:
+            row["test_acc_ema"], row["test_loss_ema"] = self.evaluate(self.ema.model)
+        self.last_eval = row
+        return row
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self) -> None:
+        state = {
+            "step": self.step,
+            "config": self.cfg.as_dict(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "ema": self.ema.state_dict() if self.ema else None,
+            "ledger": self.ledger.state_dict() if self.ledger else None,
+            "sampler": self.sampler.state_dict(),
+            "noise": self.noise.state_dict(),
+            "aug_gen": self.aug_gen.get_state(),
+            "train_seconds": self.train_seconds,
+            "images_seen": self.images_seen,
+            "last_eval": self.last_eval,
+            "version": __version__,
+        }
+        save_atomic(state, self.run_dir.checkpoint)
+
+    def _load_checkpoint(self) -> None:
+        try:
+            state = torch.load(self.run_dir.checkpoint, map_location=self.device, weights_only=False)
+        except Exception as e:
+            raise ConfigError(f"cannot read checkpoint {self.run_dir.checkpoint}: {e}") from None
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        if self.ema is not None and state["ema"] is not None:
+            self.ema.load_state_dict(state["ema"])
+        if self.ledger is not None:
+            self.ledger.load_state_dict(state["ledger"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.noise.load_state_dict(state["noise"])
+        self.aug_gen.set_state(state["aug_gen"].cpu() if hasattr(state["aug_gen"], "cpu") else state["aug_gen"])
+        self.step = state["step"]
+        self.train_seconds = state["train_seconds"]
+        self.images_seen = state["images_seen"]
+        self.last_eval = state.get("last_eval") or {}
+        self.resumed_from = self.step
+
+    # ------------------------------------------------------------------ the run
+
+    def result(self, status: str, error: str | None = None) -> dict:
+        ev = self.last_eval
+        return {
+            "status": status,
+            "test_acc": ev.get("test_acc"),
+            "test_acc_ema": ev.get("test_acc_ema"),
+            "test_loss": ev.get("test_loss"),
+            "evaluated_at_step": ev.get("step"),
+            "private": self.private,
+            "epsilon": self.epsilon(),
+            "delta": self.cfg.delta if self.private else None,
+            "sigma": self.sigma,
+            "clip": self.cfg.clip if self.private else None,
+            "steps": self.step,
+            "planned_steps": self.total_steps,
+            "sample_rate": self.q,
+            "expected_batch_size": self.cfg.batch_size,
+            "accountant": self.cfg.accountant if self.private else None,
+            "sampler": self.cfg.sampler,
+            "noise": self.noise.label if self.private else None,
+            "train_seconds": self.train_seconds,
+            "images_per_second": self.images_seen / self.train_seconds if self.train_seconds else None,
+            "seed": self.cfg.seed,
+            "model": self.cfg.model,
+            "data": self.cfg.data,
+            "num_params": self.num_params,
+            "version": __version__,
+            "error": error,
+        }
+
+    def run(self, stop_after: int | None = None) -> dict:
+        """Train to the planned step count; write result.json; return the result."""
+        cfg = self.cfg
+        if self.resumed_from is not None:
+            self.log(f"resuming {self.run_dir.root} from step {self.step}/{self.total_steps}")
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(
+                total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
+                disable=not sys.stderr.isatty(), desc="train",
+            )
+        try:
+            while self.step < self.total_steps:
+                row = self.train_step()
+                self.metrics.append(row)
+                end_of_epoch = self.step % self.steps_per_epoch == 0 or self.step == self.total_steps
+                if end_of_epoch:
+                    ev = self.eval_row()
+                    self.epochs_log.append(ev)
+                    eps = ev["epsilon"]
+                    self.log(
+                        f"epoch {ev['epoch']:.2f}  step {self.step}/{self.total_steps}  "
+                        f"test_acc {ev['test_acc']:.4f}"
+                        + (f"  ema {ev['test_acc_ema']:.4f}" if "test_acc_ema" in ev else "")
+                        + (f"  eps {eps:.3f}" if eps is not None else "  non-private")
+                        + f"  {self.images_seen / self.train_seconds:.1f} img/s"
+                    )
+                if end_of_epoch or self.step % cfg.checkpoint_every == 0:
+                    self.save_checkpoint()
+                if bar is not None:
+                    eps = self.last_eval.get("epsilon")
+                    bar.set_postfix(
+                        loss=f"{row['loss']:.3f}",
+                        eps="-" if eps is None else f"{eps:.2f}",
+                        img_s=f"{row['images_per_second'] or 0:.0f}",
+                    )
+                    bar.update(1)
+                if stop_after is not None and self.step >= stop_after and self.step < self.total_steps:
+                    self.save_checkpoint()
+                    raise Interrupted(f"stopped after step {self.step}")
+        except Diverged as e:
+            result = self.result("diverged", str(e))
+            write_json_atomic(self.run_dir.result, result)
+            return result
+        except (KeyboardInterrupt, Interrupted):
+            self.save_checkpoint()
+            raise
+        except Exception as e:
+            self.run_dir.error_log.write_text(traceback.format_exc())
+            write_json_atomic(self.run_dir.result, self.result("failed", f"{type(e).__name__}: {e}"))
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+            self.metrics.close()
+            self.epochs_log.close()
+        self._save_final_model()
+        result = self.result("done")
+        write_json_atomic(self.run_dir.result, result)  # last: its presence means "ended"
+        self.run_dir.checkpoint.unlink(missing_ok=True)
+        return result
+
+    def _save_final_model(self) -> None:
+        state = {"model": self.model.state_dict(), "config": self.cfg.as_dict()}
+        if self.ema is not None:
+            state["ema"] = self.ema.model.state_dict()
+        save_atomic(state, Path(self.run_dir.root) / "model.pt")
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, log=print) -> dict:
+    """Train one configuration into ``cfg.out``; return the result dictionary."""
+    rd = RunDir(cfg.out)
+    if resume and (res := rd.read_result()) is not None and res.get("status") == "done":
+        log(f"{rd.root} is already finished; nothing to do")
+        return res
+    return Trainer(cfg, resume=resume, progress=progress, log=log).run()

@@ -1,0 +1,118 @@
+"""A run directory: what a run leaves behind, written so that a crash loses nothing.
+
+    config.json      the fully resolved configuration (+ data set, sigma, q, steps, version)
+    metrics.csv      one row per step (appended and flushed as the run goes)
+    epochs.csv       one row per evaluation (end of each epoch)
+    checkpoint.pt    the latest checkpoint (written to a temporary file, then renamed)
+    result.json      written once, at the end, with the final status
+    error.log        the traceback of an unexpected failure
+
+JSON and checkpoints are written atomically (temporary file + ``os.replace``), so a
+reader never sees a half-written file. ``result.json`` exists only for a run that ended.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+FINAL_STATUSES = ("done", "diverged", "failed")
+
+
+def _clean(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_clean(x) for x in v]
+    return v
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(_clean(data), fh, indent=2, sort_keys=False)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(Path(path).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def save_atomic(obj, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class CsvLog:
+    """An append-only CSV table with a fixed header; ``truncate_after(step)`` for resume."""
+
+    def __init__(self, path: Path, columns: list[str]):
+        self.path, self.columns = path, columns
+        self._fh = None
+
+    def truncate_after(self, step: int) -> None:
+        """Drop rows of steps after ``step`` (work a resumed run will redo)."""
+        if not self.path.exists():
+            return
+        with open(self.path, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        keep = [r for r in rows if r.get("step") not in (None, "") and int(float(r["step"])) <= step]
+        with open(self.path, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=self.columns)
+            w.writeheader()
+            w.writerows({c: r.get(c, "") for c in self.columns} for r in keep)
+
+    def append(self, row: dict) -> None:
+        if self._fh is None:
+            new = not self.path.exists() or self.path.stat().st_size == 0
+            self._fh = open(self.path, "a", newline="")
+            self._writer = csv.DictWriter(self._fh, fieldnames=self.columns)
+            if new:
+                self._writer.writeheader()
+        self._writer.writerow({c: _fmt(row.get(c)) for c in self.columns})
+        self._fh.flush()
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return "" if v is None else v
+
+
+class RunDir:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.config = self.root / "config.json"
+        self.result = self.root / "result.json"
+        self.checkpoint = self.root / "checkpoint.pt"
+        self.error_log = self.root / "error.log"
+        self.metrics_path = self.root / "metrics.csv"
+        self.epochs_path = self.root / "epochs.csv"
+
+    def read_result(self) -> dict | None:
+        return read_json(self.result)
+
+    def read_config(self) -> dict | None:
+        return read_json(self.config)
