@@ -66,34 +66,45 @@ def epsilon_for(
 
 
 def sigma_for(*, epsilon: float, sample_rate: float, steps: int, delta: float, accountant: str = "prv") -> float:
-    """A noise multiplier whose epsilon is at most the target and within 0.5 % of it.
+    """A noise multiplier whose epsilon (as reported) is at most the target, within 0.5 %.
 
-    Bisection on ``epsilon_for``; the result always satisfies
-    ``epsilon_for(sigma) <= epsilon``.
+    Bisection with PRV's coarse error bound first, then a refinement in a narrow bracket
+    with the error bound used for reporting, so that ``epsilon_for(sigma) <= epsilon``.
     """
     check_privacy_args(sample_rate=sample_rate, steps=steps, delta=delta, epsilon=epsilon)
 
-    def eps_of(s: float) -> float:
+    def eps_of(s: float, err: float) -> float:
         return epsilon_for(
-            sigma=s, sample_rate=sample_rate, steps=steps, delta=delta, accountant=accountant,
-            eps_error=PRV_EPS_ERROR_CALIBRATION,
+            sigma=s, sample_rate=sample_rate, steps=steps, delta=delta, accountant=accountant, eps_error=err
         )
 
-    lo, hi = 0.0, 1.0
-    while eps_of(hi) > epsilon:
-        lo, hi = hi, hi * 2
+    def bisect(lo: float, hi: float, err: float) -> float:
+        """Smallest sigma in [lo, hi] (eps(lo) > target >= eps(hi)) to within 0.5 % in eps."""
+        while hi - lo > 1e-5 * hi:
+            mid = (lo + hi) / 2
+            eps = eps_of(mid, err)
+            if eps > epsilon:
+                lo = mid
+            else:
+                hi = mid
+                if eps >= 0.995 * epsilon:
+                    break
+        return hi
+
+    hi = 1.0
+    while eps_of(hi, PRV_EPS_ERROR_CALIBRATION) > epsilon:
+        hi *= 2
         if hi > 1e4:
             raise PrivacyError(f"no noise multiplier up to 1e4 reaches epsilon={epsilon}; raise epsilon")
-    while hi - lo > 1e-4 * hi:
-        mid = (lo + hi) / 2
-        eps = eps_of(mid)
-        if eps > epsilon:
-            lo = mid
-        else:
-            hi = mid
-        if 0.995 * epsilon <= eps <= epsilon:
-            return mid
-    return hi
+    coarse = bisect(hi / 2 if hi > 1 else 0.0, hi, PRV_EPS_ERROR_CALIBRATION)
+    if accountant != "prv":
+        return coarse
+    lo, hi = coarse * 0.97, coarse
+    while eps_of(hi, PRV_EPS_ERROR) > epsilon:
+        lo, hi = hi, hi * 1.03
+    if eps_of(lo, PRV_EPS_ERROR) <= epsilon:
+        return bisect(0.0, lo, PRV_EPS_ERROR)
+    return bisect(lo, hi, PRV_EPS_ERROR)
 
 
 class Ledger:

@@ -1,0 +1,5 @@
+import sys
+
+from scalemix.cli import main
+
+sys.exit(main())

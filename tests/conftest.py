@@ -1,0 +1,26 @@
+"""Shared fixtures: tiny real data (the embedded digits at 8 px) and tiny configurations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from scalemix.data.datasets import load_digits
+from scalemix.train import TrainConfig
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def digits8():
+    return load_digits(size=8)
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path):
+    """A seconds-long DP run on the embedded digits at 8 px."""
+    return TrainConfig(
+        model="resnet9", groups=8, image_size=8, epochs=0.25, batch_size=64,
+        physical_batch=32, checkpoint_every=2, out=str(tmp_path / "run"), ema=0.9,
+        epsilon=None, sigma=1.0,
+    )
