@@ -20,7 +20,15 @@ def digits8():
 def tiny_cfg(tmp_path):
     """A seconds-long DP run on the embedded digits at 8 px."""
     return TrainConfig(
-        model="resnet9", groups=8, image_size=8, epochs=0.25, batch_size=64,
-        physical_batch=32, checkpoint_every=2, out=str(tmp_path / "run"), ema=0.9,
-        epsilon=None, sigma=1.0,
+        model="resnet9",
+        groups=8,
+        image_size=8,
+        epochs=0.25,
+        batch_size=64,
+        physical_batch=32,
+        checkpoint_every=2,
+        out=str(tmp_path / "run"),
+        ema=0.9,
+        epsilon=None,
+        sigma=1.0,
     )

@@ -65,7 +65,9 @@ def test_ledger_counts_steps_like_one_shot():
     for _ in range(300):
         led.step(1.0, 0.02)
     assert led.steps == 300 and led.history == [(1.0, 0.02, 300)]
-    assert led.epsilon(DELTA) == pytest.approx(epsilon_for(sigma=1.0, sample_rate=0.02, steps=300, delta=DELTA))
+    assert led.epsilon(DELTA) == pytest.approx(
+        epsilon_for(sigma=1.0, sample_rate=0.02, steps=300, delta=DELTA)
+    )
     state = led.state_dict()
     other = Ledger("prv")
     other.load_state_dict(state)
@@ -78,7 +80,14 @@ def test_sampler_mismatch_refused():
 
 
 @pytest.mark.parametrize(
-    "kw", [dict(sample_rate=0.0), dict(sample_rate=1.5), dict(steps=0), dict(delta=0.0), dict(sigma=-1.0)]
+    "kw",
+    [
+        dict(sample_rate=0.0),
+        dict(sample_rate=1.5),
+        dict(steps=0),
+        dict(delta=0.0),
+        dict(sigma=-1.0),
+    ],
 )
 def test_bad_privacy_arguments(kw):
     args = dict(sigma=1.0, sample_rate=0.01, steps=10, delta=1e-5) | kw
@@ -88,15 +97,47 @@ def test_bad_privacy_arguments(kw):
 
 def test_cli_privacy_json_agrees_with_library():
     out = subprocess.run(
-        [sys.executable, "-m", "scalemix", "privacy", "epsilon", "--sigma", "1.0", "--sample-rate", "0.02",
-         "--steps", "2500", "--delta", "1e-5", "--json"],
-        capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-m",
+            "scalemix",
+            "privacy",
+            "epsilon",
+            "--sigma",
+            "1.0",
+            "--sample-rate",
+            "0.02",
+            "--steps",
+            "2500",
+            "--delta",
+            "1e-5",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     eps = json.loads(out.stdout)["epsilon"]
     assert eps == pytest.approx(epsilon_for(sigma=1.0, sample_rate=0.02, steps=2500, delta=DELTA))
     out = subprocess.run(
-        [sys.executable, "-m", "scalemix", "privacy", "sigma", "--epsilon", str(eps), "--sample-rate", "0.02",
-         "--steps", "2500", "--delta", "1e-5", "--json"],
-        capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-m",
+            "scalemix",
+            "privacy",
+            "sigma",
+            "--epsilon",
+            str(eps),
+            "--sample-rate",
+            "0.02",
+            "--steps",
+            "2500",
+            "--delta",
+            "1e-5",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert json.loads(out.stdout)["sigma"] == pytest.approx(1.0, rel=0.02)

@@ -20,7 +20,9 @@ def _model(**axes):
 
 def _batch(b, k=1, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(b, k, 3, 16, 16, generator=g, dtype=torch.float64), torch.randint(0, 4, (b,), generator=g)
+    return torch.randn(b, k, 3, 16, 16, generator=g, dtype=torch.float64), torch.randint(
+        0, 4, (b,), generator=g
+    )
 
 
 def test_no_clipping_no_noise_equals_plain_sgd():
@@ -71,7 +73,9 @@ def test_noise_std_matches_sigma_c():
     assert abs(float(allv.std()) - sigma * clip) < 0.01 * sigma * clip
     assert abs(float(allv.mean())) < 0.01
     # division by the expected batch size scales the noise by 1/B
-    out = noisy_mean([torch.zeros(400_000)], sigma=sigma, clip=clip, expected_batch_size=8, noise=noise)
+    out = noisy_mean(
+        [torch.zeros(400_000)], sigma=sigma, clip=clip, expected_batch_size=8, noise=noise
+    )
     assert abs(float(out[0].std()) - sigma * clip / 8) < 0.01 * sigma * clip / 8
 
 
@@ -97,7 +101,11 @@ def _per_example_clipped(model, x, y, clip):
 
 def test_example_gradient_independent_of_other_examples():
     """Sharp edge 4: example 0's clipped gradient ignores the rest of the batch."""
-    for axes in (dict(norm="group"), dict(norm="layer", placement="preact"), dict(norm="public_batch")):
+    for axes in (
+        dict(norm="group"),
+        dict(norm="layer", placement="preact"),
+        dict(norm="public_batch"),
+    ):
         model = _model(**axes)
         if axes["norm"] == "public_batch":
             refresh_public_stats(model, torch.randn(32, 3, 16, 16, dtype=torch.float64))

@@ -34,10 +34,20 @@ def test_public_batch_norm_needs_public_data():
 @pytest.mark.parametrize(
     "kw",
     [
-        dict(epsilon=-1.0), dict(epsilon=float("nan")), dict(clip=0.0), dict(delta=1.5),
-        dict(batch_size=0), dict(epochs=-2.0), dict(aug_mult=4), dict(model="nope"),
-        dict(groups=0), dict(groups=128), dict(norm="weird"), dict(ema=1.5),
-        dict(model="nf_resnet", norm="group"), dict(scalenorm=True, norm="none"),
+        dict(epsilon=-1.0),
+        dict(epsilon=float("nan")),
+        dict(clip=0.0),
+        dict(delta=1.5),
+        dict(batch_size=0),
+        dict(epochs=-2.0),
+        dict(aug_mult=4),
+        dict(model="nope"),
+        dict(groups=0),
+        dict(groups=128),
+        dict(norm="weird"),
+        dict(ema=1.5),
+        dict(model="nf_resnet", norm="group"),
+        dict(scalenorm=True, norm="none"),
     ],
 )
 def test_bad_values_raise_config_error(kw):

@@ -19,12 +19,15 @@ def models(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) ->
         return
     for r in rows:
         d = r["defaults"]
-        typer.echo(f"{r['name']:<10} {r['num_params'] / 1e6:6.2f} M  {r['description']}  [data: {r['data']}]")
+        typer.echo(
+            f"{r['name']:<10} {r['num_params'] / 1e6:6.2f} M  {r['description']}  [data: {r['data']}]"
+        )
         typer.echo(
             f"{'':<12}defaults: norm={d['norm']} groups={d['groups']} scalenorm={d['scalenorm']} "
             f"placement={d['placement']} ws={d['ws']} act={d['act']}"
         )
         axes = "; ".join(
-            f"{k}: {v if isinstance(v, str) else '|'.join(map(str, v))}" for k, v in r["axes"].items()
+            f"{k}: {v if isinstance(v, str) else '|'.join(map(str, v))}"
+            for k, v in r["axes"].items()
         )
         typer.echo(f"{'':<12}axes: {axes}")

@@ -13,7 +13,9 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 
-SampleRate = typer.Option(..., "--sample-rate", "-q", help="Poisson sampling rate q = expected batch size / N.")
+SampleRate = typer.Option(
+    ..., "--sample-rate", "-q", help="Poisson sampling rate q = expected batch size / N."
+)
 Steps = typer.Option(..., "--steps", "-T", help="Number of noisy steps.")
 Delta = typer.Option(..., "--delta", help="Target delta (well below 1/N).")
 Accountant = typer.Option("prv", "--accountant", help="prv (tight, default) or rdp.")
@@ -30,7 +32,9 @@ def epsilon(
     as_json: bool = Json,
 ) -> None:
     """epsilon spent by STEPS steps at noise multiplier SIGMA and sampling rate Q."""
-    eps = epsilon_for(sigma=sigma, sample_rate=sample_rate, steps=steps, delta=delta, accountant=accountant)
+    eps = epsilon_for(
+        sigma=sigma, sample_rate=sample_rate, steps=steps, delta=delta, accountant=accountant
+    )
     typer.echo(json.dumps({"epsilon": eps}) if as_json else f"{eps:.6g}")
 
 
@@ -44,5 +48,7 @@ def sigma(
     as_json: bool = Json,
 ) -> None:
     """The noise multiplier that spends at most EPSILON in STEPS steps."""
-    s = sigma_for(epsilon=epsilon, sample_rate=sample_rate, steps=steps, delta=delta, accountant=accountant)
+    s = sigma_for(
+        epsilon=epsilon, sample_rate=sample_rate, steps=steps, delta=delta, accountant=accountant
+    )
     typer.echo(json.dumps({"sigma": s}) if as_json else f"{s:.6g}")

@@ -10,53 +10,181 @@ import typer
 
 from scalemix.cli._compat import ParameterSource
 from scalemix.errors import ConfigError
-from scalemix.train import RunDir, TrainConfig, train as run_training
+from scalemix.train import RunDir, TrainConfig
+from scalemix.train import train as run_training
 
-M, D, P, O, R = "Model (default: the architecture's; see 'scalemix models')", "Data", "Privacy", "Optimisation", "Run"
+MODEL = "Model (default: the architecture's; see 'scalemix models')"
+DATA, PRIVACY, OPTIM, RUN = "Data", "Privacy", "Optimisation", "Run"
 _DEF = TrainConfig()
 
 
 def train(
     ctx: typer.Context,
-    model: str = typer.Option(_DEF.model, help="Architecture: resnet9, resnet18, resnet50, wrn16_4, wrn40_4, nf_resnet.", rich_help_panel=M),
-    norm: Optional[str] = typer.Option(None, help="group | layer | instance | none | public_batch | batch (batch: --non-private only).", rich_help_panel=M),
-    groups: Optional[int] = typer.Option(None, help="GroupNorm groups (1-64, min(groups, C) per layer; must divide the channels).", rich_help_panel=M),
-    scalenorm: Optional[bool] = typer.Option(None, "--scalenorm/--no-scalenorm", help="Extra norm right after every residual addition (Klause et al.).", rich_help_panel=M),
-    placement: Optional[str] = typer.Option(None, help="standard (conv->norm->act) | preact (norm->act->conv).", rich_help_panel=M),
-    ws: Optional[str] = typer.Option(None, help="Weight standardisation: none | plain | scaled.", rich_help_panel=M),
-    act: Optional[str] = typer.Option(None, help="Activation: relu | mish | silu.", rich_help_panel=M),
-    data: str = typer.Option(_DEF.data, help="digits (embedded in scikit-learn, offline) | cifar10 | imagenette.", rich_help_panel=D),
-    data_dir: Optional[Path] = typer.Option(None, help="Folder with cifar-10-batches-py/ (CIFAR-10) or train/ and val/ (ImageNette).", rich_help_panel=D),
-    download: bool = typer.Option(False, "--download", help="Download CIFAR-10 / ImageNette into --data-dir when missing.", rich_help_panel=D),
-    image_size: Optional[int] = typer.Option(None, help="ImageNette size in px (default 160); digits upsampling (default 16).", rich_help_panel=D),
-    aug: str = typer.Option(_DEF.aug, help="Augmentation: none | crop-flip (reflect-pad 4 crop + flip, on the device).", rich_help_panel=D),
-    aug_mult: int = typer.Option(_DEF.aug_mult, help="K augmented views per example, averaged before clipping.", rich_help_panel=D),
-    public_size: int = typer.Option(_DEF.public_size, help="Training examples held out as the public batch (for --norm public_batch).", rich_help_panel=D),
-    non_private: bool = typer.Option(False, "--non-private", help="Same loop without clipping and noise; reports no epsilon.", rich_help_panel=P),
-    epsilon: float = typer.Option(_DEF.epsilon, help="Target epsilon; the noise multiplier is calibrated to it.", rich_help_panel=P),
-    sigma: Optional[float] = typer.Option(None, help="Use this noise multiplier instead; the epsilon spent is reported.", rich_help_panel=P),
-    delta: float = typer.Option(_DEF.delta, help="Target delta (must be below 1/N).", rich_help_panel=P),
-    clip: float = typer.Option(_DEF.clip, help="Per-example gradient norm bound C.", rich_help_panel=P),
-    accountant: str = typer.Option(_DEF.accountant, help="prv (default) | rdp.", rich_help_panel=P),
-    sampler: str = typer.Option(_DEF.sampler, help="poisson (required under DP) | shuffle (non-private only).", rich_help_panel=P),
-    noise: str = typer.Option(_DEF.noise, help="seeded (reproducible, labelled as such) | secure (OS entropy).", rich_help_panel=P),
-    engine: str = typer.Option(_DEF.engine, help="Per-example gradient engine: vmap (torch.func reference).", rich_help_panel=P),
-    epochs: float = typer.Option(_DEF.epochs, help="Expected passes over the data (steps = round(epochs / q)); may be fractional.", rich_help_panel=O),
-    batch_size: int = typer.Option(_DEF.batch_size, help="Expected logical batch size (Poisson: q = batch_size / N).", rich_help_panel=O),
-    physical_batch: int = typer.Option(_DEF.physical_batch, help="Examples per forward/backward chunk (bounds memory).", rich_help_panel=O),
-    lr: float = typer.Option(_DEF.lr, help="Learning rate.", rich_help_panel=O),
-    optimizer: str = typer.Option(_DEF.optimizer, help="sgd | momentum (0.9, Nesterov) | nadam.", rich_help_panel=O),
-    weight_decay: float = typer.Option(_DEF.weight_decay, help="Weight decay.", rich_help_panel=O),
-    lr_schedule: str = typer.Option(_DEF.lr_schedule, help="constant | cosine.", rich_help_panel=O),
-    ema: Optional[float] = typer.Option(_DEF.ema, help="EMA decay of the parameters.", rich_help_panel=O),
-    no_ema: bool = typer.Option(False, "--no-ema", help="Keep no EMA.", rich_help_panel=O),
-    seed: int = typer.Option(_DEF.seed, help="Seed for init, sampling, augmentation and (seeded mode) noise.", rich_help_panel=R),
-    device: str = typer.Option(_DEF.device, help="auto (a GPU when there is one) | cpu | cuda.", rich_help_panel=R),
-    out: Path = typer.Option(Path(_DEF.out), "--out", "-o", help="Run directory (config.json, metrics.csv, epochs.csv, result.json).", rich_help_panel=R),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint.", rich_help_panel=R),
-    checkpoint_every: int = typer.Option(_DEF.checkpoint_every, help="Steps between checkpoints (also at each epoch end).", rich_help_panel=R),
-    threads: Optional[int] = typer.Option(None, help="CPU threads for torch.", rich_help_panel=R),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or epoch lines.", rich_help_panel=R),
+    model: str = typer.Option(
+        _DEF.model,
+        help="Architecture: resnet9, resnet18, resnet50, wrn16_4, wrn40_4, nf_resnet.",
+        rich_help_panel=MODEL,
+    ),
+    norm: Optional[str] = typer.Option(
+        None,
+        help="group | layer | instance | none | public_batch | batch (batch: --non-private only).",
+        rich_help_panel=MODEL,
+    ),
+    groups: Optional[int] = typer.Option(
+        None,
+        help="GroupNorm groups (1-64, min(groups, C) per layer; must divide the channels).",
+        rich_help_panel=MODEL,
+    ),
+    scalenorm: Optional[bool] = typer.Option(
+        None,
+        "--scalenorm/--no-scalenorm",
+        help="Extra norm right after every residual addition (Klause et al.).",
+        rich_help_panel=MODEL,
+    ),
+    placement: Optional[str] = typer.Option(
+        None, help="standard (conv->norm->act) | preact (norm->act->conv).", rich_help_panel=MODEL
+    ),
+    ws: Optional[str] = typer.Option(
+        None, help="Weight standardisation: none | plain | scaled.", rich_help_panel=MODEL
+    ),
+    act: Optional[str] = typer.Option(
+        None, help="Activation: relu | mish | silu.", rich_help_panel=MODEL
+    ),
+    data: str = typer.Option(
+        _DEF.data,
+        help="digits (embedded in scikit-learn, offline) | cifar10 | imagenette.",
+        rich_help_panel=DATA,
+    ),
+    data_dir: Optional[Path] = typer.Option(
+        None,
+        help="Folder with cifar-10-batches-py/ (CIFAR-10) or train/ and val/ (ImageNette).",
+        rich_help_panel=DATA,
+    ),
+    download: bool = typer.Option(
+        False,
+        "--download",
+        help="Download CIFAR-10 / ImageNette into --data-dir when missing.",
+        rich_help_panel=DATA,
+    ),
+    image_size: Optional[int] = typer.Option(
+        None,
+        help="ImageNette size in px (default 160); digits upsampling (default 16).",
+        rich_help_panel=DATA,
+    ),
+    aug: str = typer.Option(
+        _DEF.aug,
+        help="Augmentation: none | crop-flip (reflect-pad 4 crop + flip, on the device).",
+        rich_help_panel=DATA,
+    ),
+    aug_mult: int = typer.Option(
+        _DEF.aug_mult,
+        help="K augmented views per example, averaged before clipping.",
+        rich_help_panel=DATA,
+    ),
+    public_size: int = typer.Option(
+        _DEF.public_size,
+        help="Training examples held out as the public batch (for --norm public_batch).",
+        rich_help_panel=DATA,
+    ),
+    non_private: bool = typer.Option(
+        False,
+        "--non-private",
+        help="Same loop without clipping and noise; reports no epsilon.",
+        rich_help_panel=PRIVACY,
+    ),
+    epsilon: float = typer.Option(
+        _DEF.epsilon,
+        help="Target epsilon; the noise multiplier is calibrated to it.",
+        rich_help_panel=PRIVACY,
+    ),
+    sigma: Optional[float] = typer.Option(
+        None,
+        help="Use this noise multiplier instead; the epsilon spent is reported.",
+        rich_help_panel=PRIVACY,
+    ),
+    delta: float = typer.Option(
+        _DEF.delta, help="Target delta (must be below 1/N).", rich_help_panel=PRIVACY
+    ),
+    clip: float = typer.Option(
+        _DEF.clip, help="Per-example gradient norm bound C.", rich_help_panel=PRIVACY
+    ),
+    accountant: str = typer.Option(
+        _DEF.accountant, help="prv (default) | rdp.", rich_help_panel=PRIVACY
+    ),
+    sampler: str = typer.Option(
+        _DEF.sampler,
+        help="poisson (required under DP) | shuffle (non-private only).",
+        rich_help_panel=PRIVACY,
+    ),
+    noise: str = typer.Option(
+        _DEF.noise,
+        help="seeded (reproducible, labelled as such) | secure (OS entropy).",
+        rich_help_panel=PRIVACY,
+    ),
+    engine: str = typer.Option(
+        _DEF.engine,
+        help="Per-example gradient engine: vmap (torch.func reference).",
+        rich_help_panel=PRIVACY,
+    ),
+    epochs: float = typer.Option(
+        _DEF.epochs,
+        help="Expected passes over the data (steps = round(epochs / q)); may be fractional.",
+        rich_help_panel=OPTIM,
+    ),
+    batch_size: int = typer.Option(
+        _DEF.batch_size,
+        help="Expected logical batch size (Poisson: q = batch_size / N).",
+        rich_help_panel=OPTIM,
+    ),
+    physical_batch: int = typer.Option(
+        _DEF.physical_batch,
+        help="Examples per forward/backward chunk (bounds memory).",
+        rich_help_panel=OPTIM,
+    ),
+    lr: float = typer.Option(_DEF.lr, help="Learning rate.", rich_help_panel=OPTIM),
+    optimizer: str = typer.Option(
+        _DEF.optimizer, help="sgd | momentum (0.9, Nesterov) | nadam.", rich_help_panel=OPTIM
+    ),
+    weight_decay: float = typer.Option(
+        _DEF.weight_decay, help="Weight decay.", rich_help_panel=OPTIM
+    ),
+    lr_schedule: str = typer.Option(
+        _DEF.lr_schedule, help="constant | cosine.", rich_help_panel=OPTIM
+    ),
+    ema: Optional[float] = typer.Option(
+        _DEF.ema, help="EMA decay of the parameters.", rich_help_panel=OPTIM
+    ),
+    no_ema: bool = typer.Option(False, "--no-ema", help="Keep no EMA.", rich_help_panel=OPTIM),
+    seed: int = typer.Option(
+        _DEF.seed,
+        help="Seed for init, sampling, augmentation and (seeded mode) noise.",
+        rich_help_panel=RUN,
+    ),
+    device: str = typer.Option(
+        _DEF.device, help="auto (a GPU when there is one) | cpu | cuda.", rich_help_panel=RUN
+    ),
+    out: Path = typer.Option(
+        Path(_DEF.out),
+        "--out",
+        "-o",
+        help="Run directory (config.json, metrics.csv, epochs.csv, result.json).",
+        rich_help_panel=RUN,
+    ),
+    resume: bool = typer.Option(
+        False,
+        "--resume",
+        help="Continue the run in --out from its last checkpoint.",
+        rich_help_panel=RUN,
+    ),
+    checkpoint_every: int = typer.Option(
+        _DEF.checkpoint_every,
+        help="Steps between checkpoints (also at each epoch end).",
+        rich_help_panel=RUN,
+    ),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for torch.", rich_help_panel=RUN),
+    quiet: bool = typer.Option(
+        False, "--quiet", "-q", help="No progress bar or epoch lines.", rich_help_panel=RUN
+    ),
 ) -> int:
     """Train one model with DP-SGD (or --non-private) and write a run directory.
 
@@ -81,10 +209,13 @@ def train(
     if resume:
         saved = RunDir(out).read_config()
         if saved is None:
-            raise ConfigError(f"--resume: no run in {out} (config.json is missing); drop --resume to start one")
+            raise ConfigError(
+                f"--resume: no run in {out} (config.json is missing); drop --resume to start one"
+            )
         stored = TrainConfig.from_dict(saved["config"])
         given = {
-            p.name for p in ctx.command.params
+            p.name
+            for p in ctx.command.params
             if ctx.get_parameter_source(p.name) == ParameterSource.COMMANDLINE
         }
         given -= {"resume", "quiet", "out"}
@@ -104,22 +235,39 @@ def train(
     result = run_training(cfg, resume=resume, progress=not quiet, log=log)
     typer.echo(json.dumps({k: result[k] for k in _SHOWN if k in result}))
     if result["status"] != "done":
-        typer.echo(f"run {result['status']}: {result.get('error')} (see {out}/result.json)", err=True)
+        typer.echo(
+            f"run {result['status']}: {result.get('error')} (see {out}/result.json)", err=True
+        )
         return 1
     return 0
 
 
-_SHOWN = ("status", "test_acc", "test_acc_ema", "epsilon", "delta", "sigma", "steps", "images_per_second", "train_seconds")
+_SHOWN = (
+    "status",
+    "test_acc",
+    "test_acc_ema",
+    "epsilon",
+    "delta",
+    "sigma",
+    "steps",
+    "images_per_second",
+    "train_seconds",
+)
 
 
 def _describe(cfg: TrainConfig) -> str:
     axes = cfg.model_axes()
-    mode = "non-private" if cfg.non_private else (
-        f"DP-SGD eps={cfg.epsilon} delta={cfg.delta:g}" if cfg.sigma is None else f"DP-SGD sigma={cfg.sigma}"
+    mode = (
+        "non-private"
+        if cfg.non_private
+        else (
+            f"DP-SGD eps={cfg.epsilon} delta={cfg.delta:g}"
+            if cfg.sigma is None
+            else f"DP-SGD sigma={cfg.sigma}"
+        )
     )
     return (
         f"scalemix train: {cfg.model} norm={axes.norm} groups={axes.groups} scalenorm={axes.scalenorm} "
         f"placement={axes.placement} ws={axes.ws} act={axes.act} | data={cfg.data} | {mode} "
         f"C={cfg.clip} B={cfg.batch_size} K={cfg.aug_mult} epochs={cfg.epochs:g} noise={cfg.noise} -> {cfg.out}"
     )
-

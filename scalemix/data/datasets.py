@@ -85,7 +85,9 @@ def load_digits(size: int = 16, test_fraction: float = 0.2) -> ImageData:
     d = _sk_digits()
     x = torch.from_numpy(d.images).float().unsqueeze(1) / 16.0  # (1797, 1, 8, 8) in [0, 1]
     if size != 8:
-        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+        x = torch.nn.functional.interpolate(
+            x, size=(size, size), mode="bilinear", align_corners=False
+        )
     x = (x.clamp(0, 1) * 255).round().to(torch.uint8)
     y = torch.from_numpy(d.target).long()
     # Fixed stratified split (seed 0): the same on every machine.
@@ -142,8 +144,15 @@ def load_cifar10(data_dir: str | Path) -> ImageData:
     x = torch.from_numpy(np.concatenate([p[0] for p in parts]))
     y = torch.from_numpy(np.concatenate([p[1] for p in parts]))
     return ImageData(
-        "cifar10", x, y, torch.from_numpy(tx), torch.from_numpy(ty), 10,
-        CIFAR10_MEAN, CIFAR10_STD, source=str(d),
+        "cifar10",
+        x,
+        y,
+        torch.from_numpy(tx),
+        torch.from_numpy(ty),
+        10,
+        CIFAR10_MEAN,
+        CIFAR10_STD,
+        source=str(d),
     )
 
 
@@ -158,7 +167,9 @@ def _load_image_folder(folder: Path, classes: list[str], size: int):
 
     xs, ys = [], []
     for ci, c in enumerate(classes):
-        files = sorted(p for p in (folder / c).iterdir() if p.suffix.lower() in (".jpeg", ".jpg", ".png"))
+        files = sorted(
+            p for p in (folder / c).iterdir() if p.suffix.lower() in (".jpeg", ".jpg", ".png")
+        )
         for p in files:
             with Image.open(p) as im:
                 im = im.convert("RGB")
@@ -192,11 +203,25 @@ def load_imagenette(data_dir: str | Path, size: int = 160) -> ImageData:
     tr_x, tr_y = _load_image_folder(root / "train", classes, size)
     te_x, te_y = _load_image_folder(root / "val", classes, size)
     return ImageData(
-        "imagenette", tr_x, tr_y, te_x, te_y, len(classes), IMAGENET_MEAN, IMAGENET_STD, source=str(root)
+        "imagenette",
+        tr_x,
+        tr_y,
+        te_x,
+        te_y,
+        len(classes),
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        source=str(root),
     )
 
 
-def load_data(name: str, data_dir: str | Path | None = None, *, download: bool = False, size: int | None = None) -> ImageData:
+def load_data(
+    name: str,
+    data_dir: str | Path | None = None,
+    *,
+    download: bool = False,
+    size: int | None = None,
+) -> ImageData:
     """Load a data set by name; ``download`` fetches CIFAR-10 / ImageNette when missing."""
     if name == "digits":
         return load_digits(size or 16)

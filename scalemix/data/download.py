@@ -49,13 +49,17 @@ def download_file(url: str, dest: Path, md5: str | None = None, timeout: float =
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp, open(tmp, "wb") as out:
             total = int(resp.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {dest.name}", leave=False) as bar:
+            with tqdm(
+                total=total, unit="B", unit_scale=True, desc=f"download {dest.name}", leave=False
+            ) as bar:
                 for chunk in iter(lambda: resp.read(1 << 20), b""):
                     out.write(chunk)
                     bar.update(len(chunk))
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise DataError(f"could not download {url}: {e}; check the network or download it by hand") from None
+        raise DataError(
+            f"could not download {url}: {e}; check the network or download it by hand"
+        ) from None
     if md5 is not None and (got := _md5(tmp)) != md5:
         tmp.unlink(missing_ok=True)
         raise DataError(f"download of {url} is corrupt (md5 {got}, expected {md5}); try again")
@@ -73,7 +77,9 @@ def extract_tar(archive: Path, dest: Path) -> None:
         tar.extractall(dest)
 
 
-def ensure_downloaded(name: str, data_dir: str | Path, url: str | None = None, md5: str | None = "default") -> Path:
+def ensure_downloaded(
+    name: str, data_dir: str | Path, url: str | None = None, md5: str | None = "default"
+) -> Path:
     """Download and extract ``name`` into ``data_dir`` unless it is already there."""
     src = SOURCES[name]
     root = Path(data_dir).expanduser()

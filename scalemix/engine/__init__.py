@@ -13,7 +13,18 @@ def make_engine(name: str, model, clip: float | None) -> Engine:
     try:
         return ENGINES[name](model, clip)
     except KeyError:
-        raise ConfigError(f"unknown engine {name!r}; choose one of {', '.join(DP_ENGINES)}") from None
+        raise ConfigError(
+            f"unknown engine {name!r}; choose one of {', '.join(DP_ENGINES)}"
+        ) from None
 
 
-__all__ = ["DP_ENGINES", "ENGINES", "ChunkResult", "Engine", "NonPrivateEngine", "VmapEngine", "clip_factors", "make_engine"]
+__all__ = [
+    "DP_ENGINES",
+    "ENGINES",
+    "ChunkResult",
+    "Engine",
+    "NonPrivateEngine",
+    "VmapEngine",
+    "clip_factors",
+    "make_engine",
+]

@@ -44,8 +44,12 @@ class Engine:
     def zero_result(self, device: torch.device) -> ChunkResult:
         z = torch.zeros((), device=device)
         return ChunkResult(
-            [torch.zeros_like(p) for p in self.params], z, z.clone(), 0,
-            torch.zeros(0, device=device), torch.zeros(len(self.params), 0, device=device),
+            [torch.zeros_like(p) for p in self.params],
+            z,
+            z.clone(),
+            0,
+            torch.zeros(0, device=device),
+            torch.zeros(len(self.params), 0, device=device),
         )
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> ChunkResult:
@@ -57,7 +61,9 @@ def clip_factors(norms: torch.Tensor, clip: float) -> torch.Tensor:
     return (clip / (norms + 1e-6)).clamp(max=1.0)
 
 
-def view_averaged_loss(logits: torch.Tensor, y: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def view_averaged_loss(
+    logits: torch.Tensor, y: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-example loss averaged over its K views, and correct views / K, from (B*K, classes)."""
     b = y.shape[0]
     yk = y.repeat_interleave(k)

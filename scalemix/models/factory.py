@@ -71,7 +71,13 @@ class LayerFactory:
         return make_act(self.axes.act, scaled=self.scaled_act)
 
     def conv_norm_act(
-        self, cin: int, cout: int, kernel: int = 3, stride: int = 1, where: str = "", act: bool = True
+        self,
+        cin: int,
+        cout: int,
+        kernel: int = 3,
+        stride: int = 1,
+        where: str = "",
+        act: bool = True,
     ) -> nn.Sequential:
         """conv -> norm -> act: the standard conv block (placement does not apply)."""
         layers = [self.conv(cin, cout, kernel, stride), self.norm(cout, where)]

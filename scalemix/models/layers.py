@@ -17,7 +17,7 @@
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from functools import cache
 
 import torch
 import torch.nn as nn
@@ -123,7 +123,7 @@ def make_norm(kind: str, channels: int, groups: int = 32, where: str = "") -> nn
 _ACT_FNS = {"relu": F.relu, "mish": F.mish, "silu": F.silu}
 
 
-@lru_cache(maxsize=None)
+@cache
 def act_gain(name: str) -> float:
     """gamma with Var(gamma * g(z)) = 1 for z ~ N(0, 1), by quadrature (Brock et al. 2021).
 
@@ -195,7 +195,9 @@ def make_conv(
     cin: int, cout: int, kernel: int = 3, stride: int = 1, ws: str = "none", bias: bool = False
 ) -> nn.Conv2d:
     if ws not in WS_MODES:
-        raise ConfigError(f"unknown weight standardisation {ws!r}; choose one of {', '.join(WS_MODES)}")
+        raise ConfigError(
+            f"unknown weight standardisation {ws!r}; choose one of {', '.join(WS_MODES)}"
+        )
     kw = dict(kernel_size=kernel, stride=stride, padding=kernel // 2, bias=bias)
     if ws == "none":
         return nn.Conv2d(cin, cout, **kw)
@@ -252,9 +254,7 @@ class ResidualBlock(nn.Module):
 
     @property
     def has_scalenorm(self) -> bool:
-        return any(
-            isinstance(m, (nn.GroupNorm, nn.BatchNorm2d)) for m in self.post.modules()
-        )
+        return any(isinstance(m, (nn.GroupNorm, nn.BatchNorm2d)) for m in self.post.modules())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x / self.beta if self.beta != 1.0 else x

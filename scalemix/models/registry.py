@@ -67,9 +67,7 @@ def resolve_axes(name: str, **overrides) -> ModelAxes:
     return replace(entry.defaults, **given).validate()
 
 
-def create_model(
-    name: str, *, num_classes: int = 10, in_channels: int = 3, **axes
-) -> nn.Module:
+def create_model(name: str, *, num_classes: int = 10, in_channels: int = 3, **axes) -> nn.Module:
     """Build a model of the family; ``axes`` are ``ModelAxes`` fields (None = default)."""
     resolved = resolve_axes(name, **axes)
     model = get_entry(name).build(resolved, num_classes=num_classes, in_channels=in_channels)
@@ -91,7 +89,9 @@ register_model(
 register_model(
     ModelEntry(
         "resnet18",
-        lambda a, **kw: ResNet(a, depths=(2, 2, 2, 2), widths=(64, 128, 256, 512), stem="imagenet", **kw),
+        lambda a, **kw: ResNet(
+            a, depths=(2, 2, 2, 2), widths=(64, 128, 256, 512), stem="imagenet", **kw
+        ),
         ModelAxes(norm="group", groups=32, act="relu"),
         description="ResNet-18, ImageNet stem (ImageNette, 160 px)",
         data="imagenette",
@@ -101,7 +101,12 @@ register_model(
     ModelEntry(
         "resnet50",
         lambda a, **kw: ResNet(
-            a, depths=(3, 4, 6, 3), widths=(256, 512, 1024, 2048), bottleneck=True, stem="imagenet", **kw
+            a,
+            depths=(3, 4, 6, 3),
+            widths=(256, 512, 1024, 2048),
+            bottleneck=True,
+            stem="imagenet",
+            **kw,
         ),
         ModelAxes(norm="group", groups=32, scalenorm=True, act="relu"),
         description="ResNet-50, GN everywhere + ScaleNorm after every addition (Klause et al.)",

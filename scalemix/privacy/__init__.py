@@ -1,7 +1,13 @@
 """Privacy: accountants, sigma calibration, samplers and the noise source."""
 
 from scalemix.privacy.accounting import ACCOUNTANTS, Ledger, check_sampler, epsilon_for, sigma_for
-from scalemix.privacy.sampling import NOISE_MODES, SAMPLERS, NoiseSource, PoissonSampler, ShuffleSampler
+from scalemix.privacy.sampling import (
+    NOISE_MODES,
+    SAMPLERS,
+    NoiseSource,
+    PoissonSampler,
+    ShuffleSampler,
+)
 
 __all__ = [
     "ACCOUNTANTS",

@@ -31,7 +31,14 @@ def _opacus_accountant(kind: str):
     raise ConfigError(f"unknown accountant {kind!r}; choose one of {', '.join(ACCOUNTANTS)}")
 
 
-def check_privacy_args(*, sample_rate: float, steps: int, delta: float, sigma: float | None = None, epsilon: float | None = None) -> None:
+def check_privacy_args(
+    *,
+    sample_rate: float,
+    steps: int,
+    delta: float,
+    sigma: float | None = None,
+    epsilon: float | None = None,
+) -> None:
     if not 0 < sample_rate <= 1:
         raise ConfigError(f"sample rate must be in (0, 1], got {sample_rate}")
     if steps < 1:
@@ -45,7 +52,10 @@ def check_privacy_args(*, sample_rate: float, steps: int, delta: float, sigma: f
 
 
 def _epsilon(
-    history: list[tuple[float, float, int]], delta: float, kind: str, eps_error: float = PRV_EPS_ERROR
+    history: list[tuple[float, float, int]],
+    delta: float,
+    kind: str,
+    eps_error: float = PRV_EPS_ERROR,
 ) -> float:
     acc = _opacus_accountant(kind)
     acc.history = list(history)
@@ -57,7 +67,12 @@ def _epsilon(
 
 
 def epsilon_for(
-    *, sigma: float, sample_rate: float, steps: int, delta: float, accountant: str = "prv",
+    *,
+    sigma: float,
+    sample_rate: float,
+    steps: int,
+    delta: float,
+    accountant: str = "prv",
     eps_error: float = PRV_EPS_ERROR,
 ) -> float:
     """epsilon spent by ``steps`` Poisson-subsampled Gaussian steps."""
@@ -65,7 +80,9 @@ def epsilon_for(
     return _epsilon([(sigma, sample_rate, steps)], delta, accountant, eps_error)
 
 
-def sigma_for(*, epsilon: float, sample_rate: float, steps: int, delta: float, accountant: str = "prv") -> float:
+def sigma_for(
+    *, epsilon: float, sample_rate: float, steps: int, delta: float, accountant: str = "prv"
+) -> float:
     """A noise multiplier whose epsilon (as reported) is at most the target, within 0.5 %.
 
     Bisection with PRV's coarse error bound first, then a refinement in a narrow bracket
@@ -75,7 +92,12 @@ def sigma_for(*, epsilon: float, sample_rate: float, steps: int, delta: float, a
 
     def eps_of(s: float, err: float) -> float:
         return epsilon_for(
-            sigma=s, sample_rate=sample_rate, steps=steps, delta=delta, accountant=accountant, eps_error=err
+            sigma=s,
+            sample_rate=sample_rate,
+            steps=steps,
+            delta=delta,
+            accountant=accountant,
+            eps_error=err,
         )
 
     def bisect(lo: float, hi: float, err: float) -> float:
@@ -95,7 +117,9 @@ def sigma_for(*, epsilon: float, sample_rate: float, steps: int, delta: float, a
     while eps_of(hi, PRV_EPS_ERROR_CALIBRATION) > epsilon:
         hi *= 2
         if hi > 1e4:
-            raise PrivacyError(f"no noise multiplier up to 1e4 reaches epsilon={epsilon}; raise epsilon")
+            raise PrivacyError(
+                f"no noise multiplier up to 1e4 reaches epsilon={epsilon}; raise epsilon"
+            )
     coarse = bisect(hi / 2 if hi > 1 else 0.0, hi, PRV_EPS_ERROR_CALIBRATION)
     if accountant != "prv":
         return coarse
@@ -112,7 +136,9 @@ class Ledger:
 
     def __init__(self, accountant: str = "prv", sampler_kind: str = "poisson"):
         if accountant not in ACCOUNTANTS:
-            raise ConfigError(f"unknown accountant {accountant!r}; choose one of {', '.join(ACCOUNTANTS)}")
+            raise ConfigError(
+                f"unknown accountant {accountant!r}; choose one of {', '.join(ACCOUNTANTS)}"
+            )
         check_sampler(sampler_kind, accountant)
         self.accountant = accountant
         self.history: list[tuple[float, float, int]] = []

@@ -52,7 +52,7 @@ class TrainConfig:
     # --- optimisation
     epochs: float = 10.0  # passes over the data in expectation: steps = round(epochs / q)
     batch_size: int = 256  # expected logical batch size (what the accountant assumes)
-    physical_batch: int = 64  # examples per forward/backward chunk (memory bound)
+    physical_batch: int = 32  # examples per forward/backward chunk (memory bound)
     lr: float = 1e-3
     optimizer: str = "nadam"  # sgd | momentum (0.9, Nesterov) | nadam
     momentum: float = 0.9
@@ -82,8 +82,13 @@ class TrainConfig:
 
     def model_axes(self):
         return resolve_axes(
-            self.model, norm=self.norm, groups=self.groups, scalenorm=self.scalenorm,
-            placement=self.placement, ws=self.ws, act=self.act,
+            self.model,
+            norm=self.norm,
+            groups=self.groups,
+            scalenorm=self.scalenorm,
+            placement=self.placement,
+            ws=self.ws,
+            act=self.act,
         )
 
     def validate(self) -> TrainConfig:
@@ -102,8 +107,12 @@ class TrainConfig:
         choice(self.lr_schedule, SCHEDULES, "--lr-schedule")
         choice(self.device, DEVICES, "--device")
         positive = {
-            "--epochs": self.epochs, "--batch-size": self.batch_size, "--physical-batch": self.physical_batch,
-            "--lr": self.lr, "--aug-mult": self.aug_mult, "--checkpoint-every": self.checkpoint_every,
+            "--epochs": self.epochs,
+            "--batch-size": self.batch_size,
+            "--physical-batch": self.physical_batch,
+            "--lr": self.lr,
+            "--aug-mult": self.aug_mult,
+            "--checkpoint-every": self.checkpoint_every,
         }
         for flag, v in positive.items():
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
@@ -118,7 +127,9 @@ class TrainConfig:
             raise ConfigError(f"--aug-mult {self.aug_mult} needs augmentation: add --aug crop-flip")
         axes = self.model_axes()
         if axes.norm == "public_batch" and self.public_size < 1:
-            raise ConfigError("--norm public_batch needs --public-size N (examples held out as public data)")
+            raise ConfigError(
+                "--norm public_batch needs --public-size N (examples held out as public data)"
+            )
         if self.non_private:
             return self
         # ---- DP only from here: refuse what would break the guarantee.

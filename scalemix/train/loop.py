@@ -17,7 +17,6 @@ the last step; the reported accuracy is the last one, never the best.
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 import traceback
@@ -29,20 +28,35 @@ from scalemix import __version__
 from scalemix.data import ImageData, augment, load_data, normalize
 from scalemix.engine import NonPrivateEngine, make_engine
 from scalemix.errors import ConfigError, Diverged, PrivacyError
-from scalemix.models import create_model, has_public_bn, refresh_public_stats
+from scalemix.models import create_model, refresh_public_stats
 from scalemix.privacy import Ledger, NoiseSource, PoissonSampler, ShuffleSampler, sigma_for
 from scalemix.privacy.mechanism import noisy_mean
+from scalemix.runtime import keep_cpu_memory
 from scalemix.train.config import TrainConfig
 from scalemix.train.ema import EMA
 from scalemix.train.optim import make_optimizer, make_schedule
 from scalemix.train.rundir import CsvLog, RunDir, save_atomic, write_json_atomic
 
 STEP_COLUMNS = [
-    "step", "epoch", "batch", "loss", "train_acc", "lr", "grad_norm_median",
-    "clip_fraction", "step_seconds", "images_per_second",
+    "step",
+    "epoch",
+    "batch",
+    "loss",
+    "train_acc",
+    "lr",
+    "grad_norm_median",
+    "clip_fraction",
+    "step_seconds",
+    "images_per_second",
 ]
 EPOCH_COLUMNS = [
-    "step", "epoch", "epsilon", "test_acc", "test_loss", "test_acc_ema", "test_loss_ema",
+    "step",
+    "epoch",
+    "epsilon",
+    "test_acc",
+    "test_loss",
+    "test_acc_ema",
+    "test_loss_ema",
     "train_seconds",
 ]
 PUBLIC_SPLIT_SEED = 1234  # the public hold-out is a property of the data, not of the run
@@ -52,7 +66,9 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is available here; use --device auto or cpu")
+        raise ConfigError(
+            "--device cuda: no CUDA device is available here; use --device auto or cpu"
+        )
     return torch.device(name)
 
 
@@ -77,6 +93,8 @@ class Trainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.device = resolve_device(cfg.device)
+        if self.device.type == "cpu":
+            keep_cpu_memory()
         self._check_out_dir(resume)
 
         # ---- data (uint8 on the device; normalised per chunk)
@@ -88,7 +106,9 @@ class Trainer:
         if cfg.public_size:
             if cfg.public_size >= len(train_y):
                 raise ConfigError(f"--public-size {cfg.public_size} leaves no training data")
-            perm = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(PUBLIC_SPLIT_SEED))
+            perm = torch.randperm(
+                len(train_y), generator=torch.Generator().manual_seed(PUBLIC_SPLIT_SEED)
+            )
             pub, priv = perm[: cfg.public_size], perm[cfg.public_size :].sort().values
             self.public_x = normalize(train_x[pub], data.mean, data.std).to(self.device)
             train_x, train_y = train_x[priv], train_y[priv]
@@ -117,8 +137,11 @@ class Trainer:
                 self.sigma = float(cfg.sigma)
             else:
                 self.sigma = sigma_for(
-                    epsilon=cfg.epsilon, sample_rate=self.q, steps=self.total_steps,
-                    delta=cfg.delta, accountant=cfg.accountant,
+                    epsilon=cfg.epsilon,
+                    sample_rate=self.q,
+                    steps=self.total_steps,
+                    delta=cfg.delta,
+                    accountant=cfg.accountant,
                 )
         else:
             self.ledger, self.sigma = None, 0.0
@@ -132,11 +155,17 @@ class Trainer:
         # ---- model, engine, optimiser
         torch.manual_seed(cfg.seed)
         self.model = create_model(
-            cfg.model, num_classes=data.num_classes, in_channels=data.in_channels,
+            cfg.model,
+            num_classes=data.num_classes,
+            in_channels=data.in_channels,
             **cfg.model_axes().as_dict(),
         ).to(self.device)
         self.num_params = sum(p.numel() for p in self.model.parameters())
-        self.engine = make_engine(cfg.engine, self.model, cfg.clip) if self.private else NonPrivateEngine(self.model)
+        self.engine = (
+            make_engine(cfg.engine, self.model, cfg.clip)
+            if self.private
+            else NonPrivateEngine(self.model)
+        )
         self.optimizer = make_optimizer(
             cfg.optimizer, self.engine.params, cfg.lr, cfg.momentum, cfg.weight_decay
         )
@@ -175,13 +204,14 @@ class Trainer:
                 "choose another --out or delete it"
             )
         if rd.checkpoint.exists() and not resume:
-            raise ConfigError(f"{rd.root} holds an unfinished run; add --resume to continue it, or choose another --out")
+            raise ConfigError(
+                f"{rd.root} holds an unfinished run; add --resume to continue it, or choose another --out"
+            )
         if resume and rd.checkpoint.exists():
             saved = rd.read_config()
             if saved is not None and saved.get("config") != self.cfg.as_dict():
                 diff = sorted(
-                    k for k in self.cfg.as_dict()
-                    if saved["config"].get(k) != self.cfg.as_dict()[k]
+                    k for k in self.cfg.as_dict() if saved["config"].get(k) != self.cfg.as_dict()[k]
                 )
                 raise ConfigError(
                     f"--resume: the configuration differs from the run in {rd.root} ({', '.join(diff)}); "
@@ -240,8 +270,11 @@ class Trainer:
         if not torch.isfinite(loss_sum):
             raise Diverged(f"non-finite training loss at step {self.step + 1}")
         noisy_mean(
-            grads, sigma=self.sigma, clip=cfg.clip if self.private else None,
-            expected_batch_size=cfg.batch_size, noise=self.noise,
+            grads,
+            sigma=self.sigma,
+            clip=cfg.clip if self.private else None,
+            expected_batch_size=cfg.batch_size,
+            noise=self.noise,
         )
         for p, g in zip(self.engine.params, grads):
             p.grad = g
@@ -297,8 +330,12 @@ class Trainer:
     def eval_row(self) -> dict:
         acc, loss = self.evaluate(self.model)
         row = {
-            "step": self.step, "epoch": self.step / self.steps_per_epoch, "epsilon": self.epsilon(),
-            "test_acc": acc, "test_loss": loss, "train_seconds": self.train_seconds,
+            "step": self.step,
+            "epoch": self.step / self.steps_per_epoch,
+            "epsilon": self.epsilon(),
+            "test_acc": acc,
+            "test_loss": loss,
+            "train_seconds": self.train_seconds,
         }
         if self.ema is not None:
             row["test_acc_ema"], row["test_loss_ema"] = self.evaluate(self.ema.model)
@@ -328,7 +365,9 @@ class Trainer:
 
     def _load_checkpoint(self) -> None:
         try:
-            state = torch.load(self.run_dir.checkpoint, map_location=self.device, weights_only=False)
+            state = torch.load(
+                self.run_dir.checkpoint, map_location=self.device, weights_only=False
+            )
         except Exception as e:
             raise ConfigError(f"cannot read checkpoint {self.run_dir.checkpoint}: {e}") from None
         self.model.load_state_dict(state["model"])
@@ -340,7 +379,9 @@ class Trainer:
             self.ledger.load_state_dict(state["ledger"])
         self.sampler.load_state_dict(state["sampler"])
         self.noise.load_state_dict(state["noise"])
-        self.aug_gen.set_state(state["aug_gen"].cpu() if hasattr(state["aug_gen"], "cpu") else state["aug_gen"])
+        self.aug_gen.set_state(
+            state["aug_gen"].cpu() if hasattr(state["aug_gen"], "cpu") else state["aug_gen"]
+        )
         self.step = state["step"]
         self.train_seconds = state["train_seconds"]
         self.images_seen = state["images_seen"]
@@ -370,7 +411,9 @@ class Trainer:
             "sampler": self.cfg.sampler,
             "noise": self.noise.label if self.private else None,
             "train_seconds": self.train_seconds,
-            "images_per_second": self.images_seen / self.train_seconds if self.train_seconds else None,
+            "images_per_second": self.images_seen / self.train_seconds
+            if self.train_seconds
+            else None,
             "seed": self.cfg.seed,
             "model": self.cfg.model,
             "data": self.cfg.data,
@@ -389,14 +432,20 @@ class Trainer:
             from tqdm import tqdm
 
             bar = tqdm(
-                total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
-                disable=not sys.stderr.isatty(), desc="train",
+                total=self.total_steps,
+                initial=self.step,
+                unit="step",
+                dynamic_ncols=True,
+                disable=not sys.stderr.isatty(),
+                desc="train",
             )
         try:
             while self.step < self.total_steps:
                 row = self.train_step()
                 self.metrics.append(row)
-                end_of_epoch = self.step % self.steps_per_epoch == 0 or self.step == self.total_steps
+                end_of_epoch = (
+                    self.step % self.steps_per_epoch == 0 or self.step == self.total_steps
+                )
                 if end_of_epoch:
                     ev = self.eval_row()
                     self.epochs_log.append(ev)
@@ -418,7 +467,11 @@ class Trainer:
                         img_s=f"{row['images_per_second'] or 0:.0f}",
                     )
                     bar.update(1)
-                if stop_after is not None and self.step >= stop_after and self.step < self.total_steps:
+                if (
+                    stop_after is not None
+                    and self.step >= stop_after
+                    and self.step < self.total_steps
+                ):
                     self.save_checkpoint()
                     raise Interrupted(f"stopped after step {self.step}")
         except Diverged as e:
@@ -430,7 +483,9 @@ class Trainer:
             raise
         except Exception as e:
             self.run_dir.error_log.write_text(traceback.format_exc())
-            write_json_atomic(self.run_dir.result, self.result("failed", f"{type(e).__name__}: {e}"))
+            write_json_atomic(
+                self.run_dir.result, self.result("failed", f"{type(e).__name__}: {e}")
+            )
             raise
         finally:
             if bar is not None:

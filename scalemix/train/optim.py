@@ -13,7 +13,9 @@ def make_optimizer(name: str, params, lr: float, momentum: float = 0.9, weight_d
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
     if name == "momentum":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=True, weight_decay=weight_decay)
+        return torch.optim.SGD(
+            params, lr=lr, momentum=momentum, nesterov=True, weight_decay=weight_decay
+        )
     if name == "nadam":
         return torch.optim.NAdam(params, lr=lr, weight_decay=weight_decay)
     raise ConfigError(f"unknown optimizer {name!r}; choose sgd, momentum or nadam")

@@ -73,7 +73,9 @@ class CsvLog:
             return
         with open(self.path, newline="") as fh:
             rows = list(csv.DictReader(fh))
-        keep = [r for r in rows if r.get("step") not in (None, "") and int(float(r["step"])) <= step]
+        keep = [
+            r for r in rows if r.get("step") not in (None, "") and int(float(r["step"])) <= step
+        ]
         with open(self.path, "w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=self.columns)
             w.writeheader()
