@@ -34,9 +34,11 @@ def _write_fake_cifar(root: Path, n_per_batch: int = 20) -> Path:
     d.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        # str keys like the original release; bytes keys like Python 3 re-packs
+        data, labels = ("data", "labels") if name != "data_batch_2" else (b"data", b"labels")
         batch = {
-            "data": rng.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8),
-            "labels": rng.integers(0, 10, n_per_batch).tolist(),
+            data: rng.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8),
+            labels: rng.integers(0, 10, n_per_batch).tolist(),
         }
         with open(d / name, "wb") as fh:
             pickle.dump(batch, fh)

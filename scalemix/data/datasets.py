@@ -130,6 +130,8 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         with open(path, "rb") as fh:
             d = pickle.load(fh, encoding="latin1")
+        # The original release (Python 2) has str keys; Python 3 re-packs often have bytes keys.
+        d = {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
         x = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
         y = np.asarray(d["labels"], dtype=np.int64)
     except Exception as e:  # corrupt or foreign file
