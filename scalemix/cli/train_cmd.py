@@ -123,7 +123,7 @@ def train(
     ),
     engine: str = typer.Option(
         _DEF.engine,
-        help="Per-example gradient engine: vmap (torch.func reference).",
+        help="Per-example clipping engine: scalemix (fast: book-keeping with ghost norms) | vmap (torch.func reference).",
         rich_help_panel=PRIVACY,
     ),
     epochs: float = typer.Option(

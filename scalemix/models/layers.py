@@ -176,13 +176,20 @@ class WSConv2d(nn.Conv2d):
         if mode == "scaled":
             self.gain = nn.Parameter(torch.ones(self.out_channels, 1, 1, 1))
 
-    def standardized_weight(self) -> torch.Tensor:
-        w = self.weight
+    def ws_params(self) -> tuple[torch.Tensor, ...]:
+        """The parameters the standardised weight is a function of."""
+        return (self.weight, self.gain) if self.mode == "scaled" else (self.weight,)
+
+    def standardize(self, w: torch.Tensor, gain: torch.Tensor | None = None) -> torch.Tensor:
+        """The standardised weight as a pure function of (weight, gain)."""
         mean = w.mean(dim=(1, 2, 3), keepdim=True)
         var = w.var(dim=(1, 2, 3), keepdim=True, unbiased=False)
         if self.mode == "scaled":
-            return self.gain * (w - mean) / torch.sqrt(var * self.fan_in + self.eps)
+            return gain * (w - mean) / torch.sqrt(var * self.fan_in + self.eps)
         return (w - mean) / torch.sqrt(var + self.eps)
+
+    def standardized_weight(self) -> torch.Tensor:
+        return self.standardize(*self.ws_params())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, self.standardized_weight(), self.bias)

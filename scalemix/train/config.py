@@ -48,7 +48,7 @@ class TrainConfig:
     accountant: str = "prv"  # prv (default) | rdp
     sampler: str = "poisson"  # poisson (DP) | shuffle (non-private only)
     noise: str = "seeded"  # seeded (reproducible, labelled) | secure (OS entropy)
-    engine: str = "vmap"  # per-example gradient engine
+    engine: str = "scalemix"  # per-example engine: scalemix (fast, ghost norms) | vmap (reference)
     # --- optimisation
     epochs: float = 10.0  # passes over the data in expectation: steps = round(epochs / q)
     batch_size: int = 256  # expected logical batch size (what the accountant assumes)
@@ -154,6 +154,7 @@ class TrainConfig:
                 raise ConfigError(f"--sigma must be a positive number, got {self.sigma}")
         elif self.epsilon is None or not (math.isfinite(self.epsilon) and self.epsilon > 0):
             raise ConfigError(f"--epsilon must be a positive number, got {self.epsilon}")
-        if self.engine not in ("vmap",):
-            raise ConfigError(f"--engine {self.engine!r} is not one of: vmap")
+        from scalemix.engine import DP_ENGINES
+
+        choice(self.engine, DP_ENGINES, "--engine")
         return self

@@ -1,0 +1,56 @@
+"""The fast engine ('scalemix', book-keeping with ghost norms) gives the same clipped,
+noised update as the torch.func reference engine, for every model variant and K."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from scalemix.engine import GhostEngine, VmapEngine
+from scalemix.models import create_model, has_public_bn, refresh_public_stats
+from scalemix.privacy import NoiseSource
+from scalemix.privacy.mechanism import noisy_mean
+from tests.test_per_example_grads import CASES, _ids
+
+
+@pytest.mark.parametrize(("variant", "k"), CASES, ids=[f"{_ids(v)}-K{k}" for v, k in CASES])
+def test_fast_engine_matches_reference(variant, k):
+    name, axes = variant
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=5, **axes).double()
+    res = 32 if name in ("resnet18", "resnet50") else 16
+    x = torch.randn(4, k, 3, res, res, dtype=torch.float64)
+    y = torch.randint(0, 5, (4,))
+    if has_public_bn(model):
+        refresh_public_stats(model, torch.randn(16, 3, res, res, dtype=torch.float64))
+    ref = VmapEngine(model, clip=None)(x, y)
+    clip = float(ref.norms.median())  # some examples clipped, some not
+    ref = VmapEngine(model, clip=clip)(x, y)
+    fast = GhostEngine(model, clip=clip)(x, y)
+    assert torch.allclose(fast.norms, ref.norms, rtol=1e-10)
+    assert torch.allclose(fast.layer_norms_sq, ref.layer_norms_sq, rtol=1e-9, atol=1e-20)
+    updates = []
+    for r in (ref, fast):
+        noise = NoiseSource("seeded", 3, torch.device("cpu"))
+        grads = [g.clone() for g in r.grads]
+        updates.append(noisy_mean(grads, sigma=0.7, clip=clip, expected_batch_size=4, noise=noise))
+    for a, b in zip(*updates):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-14)
+    assert float(fast.loss_sum) == pytest.approx(float(ref.loss_sum), rel=1e-12)
+
+
+def test_fast_engine_refuses_what_it_cannot_do():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.PReLU())
+    with pytest.raises(Exception, match="vmap"):
+        GhostEngine(model, clip=1.0)
+
+
+def test_fast_engine_empty_and_single_batches():
+    torch.manual_seed(0)
+    model = create_model("resnet9", num_classes=4, groups=8)
+    e = GhostEngine(model, clip=0.1)
+    empty = e(torch.zeros(0, 1, 3, 16, 16), torch.zeros(0, dtype=torch.long))
+    assert empty.n == 0 and all(float(g.abs().sum()) == 0 for g in empty.grads)
+    one = e(torch.randn(1, 1, 3, 16, 16), torch.tensor([2]))
+    norm = torch.sqrt(sum(g.double().pow(2).sum() for g in one.grads))
+    assert float(one.norms[0]) > 0.1 and float(norm) == pytest.approx(0.1, rel=1e-4)
