@@ -54,3 +54,29 @@ def test_fast_engine_empty_and_single_batches():
     one = e(torch.randn(1, 1, 3, 16, 16), torch.tensor([2]))
     norm = torch.sqrt(sum(g.double().pow(2).sum() for g in one.grads))
     assert float(one.norms[0]) > 0.1 and float(norm) == pytest.approx(0.1, rel=1e-4)
+
+
+@pytest.mark.parametrize("chunk_floats", [1, 2**23])
+def test_fast_engine_chunking_and_biases(monkeypatch, chunk_floats):
+    """Chunked norms (one example at a time) and conv/linear biases match the reference."""
+    import scalemix.engine.ghost as ghost
+
+    monkeypatch.setattr(ghost, "CHUNK_FLOATS", chunk_floats)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1, bias=True),
+        torch.nn.GroupNorm(4, 8),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=True),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(2),
+        torch.nn.Flatten(),
+        torch.nn.Linear(64, 5),
+    ).double()
+    x = torch.randn(5, 2, 3, 8, 8, dtype=torch.float64)
+    y = torch.randint(0, 5, (5,))
+    ref = VmapEngine(model, clip=0.05)(x, y)
+    fast = GhostEngine(model, clip=0.05)(x, y)
+    assert torch.allclose(fast.norms, ref.norms, rtol=1e-10)
+    for a, b in zip(ref.grads, fast.grads):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-14)

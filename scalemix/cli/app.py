@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from scalemix.cli import models_cmd, privacy_cmd, train_cmd
+from scalemix.cli import bench_cmd, models_cmd, privacy_cmd, train_cmd
 
 app = typer.Typer(
     name="scalemix",
@@ -21,6 +21,7 @@ app = typer.Typer(
 app.command("train")(train_cmd.train)
 app.command("models")(models_cmd.models)
 app.add_typer(privacy_cmd.app, name="privacy")
+app.add_typer(bench_cmd.app, name="bench")
 
 
 @app.command("version")

@@ -10,8 +10,13 @@ One chunk costs one ordinary forward pass over all B*K views, one backward pass 
   (T = positions per example, K views included; d = fan-in; p = outputs):
     - ghost:    ||g_i||^2 = sum((A_i A_i^T) * (G_i G_i^T))      cost ~ T^2 (d + p)
     - explicit: g_i = G_i^T A_i, then its norm                    cost ~ T d p
-* the clipped sum sum_i c_i g_i: an einsum over the explicit g_i, or one more
-  weight-gradient product with the output gradients scaled by c_i (ghost layers).
+* the clipped sum sum_i c_i g_i: one more weight-gradient product with the output
+  gradients scaled by c_i, or an einsum over the explicit g_i where keeping those takes
+  less memory than keeping the layer's input and output gradient.
+
+Norms are computed inside the backward pass (a tensor hook on each layer's output), in
+chunks of examples, so that output gradients and unfolded activations are freed as the
+backward pass goes, as in a non-private backward.
 
 The K views of an example are one example: their positions are stacked (K*T rows) so
 the norm is taken of the gradient of the view-averaged loss, and the sensitivity stays
@@ -38,16 +43,9 @@ class _Layer:
 
     def __init__(self, module: nn.Module, kind: str, param_idx: list[int]):
         self.module, self.kind, self.param_idx = module, kind, param_idx
-        self.a = self.z = None
+        self.a: torch.Tensor | None = None
         self.mode: str | None = None  # "ghost" | "explicit" for conv / linear
-
-    def capture(self, module, inputs, output):
-        if self.z is not None:
-            raise ConfigError(
-                f"engine 'scalemix' needs each layer to run once per forward pass; "
-                f"{type(module).__name__} ran twice (weight sharing): use --engine vmap"
-            )
-        self.a, self.z = inputs[0].detach(), output
+        self.calls = 0
 
 
 def _kind(m: nn.Module) -> str:
@@ -72,6 +70,9 @@ def _kind(m: nn.Module) -> str:
     return kind
 
 
+CHUNK_FLOATS = 2**23  # bound on one chunk's unfolded activations (32 MB in float32)
+
+
 class GhostEngine(Engine):
     name = "scalemix"
 
@@ -90,68 +91,94 @@ class GhostEngine(Engine):
     # ------------------------------------------------------------------ per layer
 
     @staticmethod
-    def _positions(layer: _Layer, b: int, k: int, g: torch.Tensor):
+    def _positions(layer: _Layer, a: torch.Tensor, g: torch.Tensor, b: int, k: int):
         """(A, G) as (b, K*T, d) and (b, K*T, p): each example's rows, views stacked."""
-        m, a = layer.module, layer.a
+        m = layer.module
         if layer.kind == "linear":
-            a2 = a.reshape(b, -1, a.shape[-1])
-            g2 = g.reshape(b, -1, g.shape[-1])
-            return a2, g2
+            return a.reshape(b, -1, a.shape[-1]), g.reshape(b, -1, g.shape[-1])
         cols = F.unfold(a, m.kernel_size, m.dilation, m.padding, m.stride)  # (N, d, T)
-        n, d, t = cols.shape
+        _, d, t = cols.shape
         a2 = cols.view(b, k, d, t).permute(0, 1, 3, 2).reshape(b, k * t, d)
         p = g.shape[1]
         g2 = g.reshape(b, k, p, t).permute(0, 1, 3, 2).reshape(b, k * t, p)
         return a2, g2
 
-    def _matmul_layer(self, layer: _Layer, b: int, k: int, g: torch.Tensor):
-        """Per-example squared norms and a function giving the clipped sum, for conv/linear."""
+    def _matmul_layer(self, layer: _Layer, a: torch.Tensor, g: torch.Tensor, b: int, k: int):
+        """Per-example squared norms of conv / linear parameters, and the clipped-sum finisher."""
         m = layer.module
-        a2, g2 = self._positions(layer, b, k, g)
-        rows, d, p = a2.shape[1], a2.shape[2], g2.shape[2]
+        has_bias = getattr(m, "bias", None) is not None
+        n = a.shape[0]
+        d, p = m.weight[0].numel(), m.weight.shape[0]
+        rows = g[0].numel() // p * k  # positions per example, its K views stacked
         if layer.mode is None:
             ghost = rows * rows * (d + p) < rows * d * p and layer.kind != "wsconv"
             layer.mode = "ghost" if ghost else "explicit"
-        sq: list[torch.Tensor] = []
-        bias_g = g2.sum(1) if getattr(m, "bias", None) is not None else None  # (b, p)
-        if layer.mode == "ghost":
-            if rows == 1:
-                w_sq = a2.pow(2).sum((1, 2)) * g2.pow(2).sum((1, 2))
-            else:
-                w_sq = (torch.bmm(a2, a2.transpose(1, 2)) * torch.bmm(g2, g2.transpose(1, 2))).sum(
-                    (1, 2)
-                )
-            sq.append(w_sq)
-            if bias_g is not None:
-                sq.append(bias_g.pow(2).sum(1))
-
-            def clipped(c: torch.Tensor) -> list[torch.Tensor]:
-                w = torch.einsum("brp,brd->pd", g2 * c.view(-1, 1, 1), a2).reshape(m.weight.shape)
-                out = [w]
-                if bias_g is not None:
-                    out.append(c @ bias_g)
-                return out
-
-            return sq, clipped
-
-        per_ex = torch.bmm(g2.transpose(1, 2), a2)  # (b, p, d): explicit per-example grads
-        parts = [per_ex.reshape(b, *m.weight.shape)]
+        pullback = None
         if layer.kind == "wsconv":
             _, pullback = vjp(m.standardize, *(t.detach() for t in m.ws_params()))
-            parts = list(vmap(pullback)(parts[0]))
-        if bias_g is not None:
-            parts.append(bias_g)
-        sq = [t.reshape(b, -1).pow(2).sum(1) for t in parts]
+        per_example_numel = (d * p + (p if has_bias else 0)) * b
+        keep_parts = layer.mode == "explicit" and per_example_numel <= a.numel() + g.numel()
+        chunk = max(1, CHUNK_FLOATS // max(1, rows * max(d, p)))
+        sq_chunks: list[list[torch.Tensor]] = []
+        part_chunks: list[list[torch.Tensor]] = []
+        for s in range(0, b, chunk):
+            e = min(b, s + chunk)
+            a2, g2 = self._positions(layer, a[s * k : e * k], g[s * k : e * k], e - s, k)
+            sq: list[torch.Tensor] = []
+            if layer.mode == "ghost":
+                if rows == 1:
+                    sq.append(a2.pow(2).sum((1, 2)) * g2.pow(2).sum((1, 2)))
+                else:
+                    aa = torch.bmm(a2, a2.transpose(1, 2))
+                    sq.append((aa * torch.bmm(g2, g2.transpose(1, 2))).sum((1, 2)))
+                parts = []
+            else:
+                per_ex = torch.bmm(g2.transpose(1, 2), a2).reshape(e - s, *m.weight.shape)
+                parts = list(vmap(pullback)(per_ex)) if pullback is not None else [per_ex]
+                sq += [t.reshape(e - s, -1).pow(2).sum(1) for t in parts]
+            if has_bias:
+                bias_g = g2.sum(1)
+                sq.append(bias_g.pow(2).sum(1))
+                parts = parts + [bias_g]
+            sq_chunks.append(sq)
+            if keep_parts:
+                part_chunks.append(parts)
+        sq_all = [torch.cat(c) for c in zip(*sq_chunks)]
+
+        if keep_parts:
+            kept = [torch.cat(c) for c in zip(*part_chunks)]
+
+            def clipped(c: torch.Tensor) -> list[torch.Tensor]:
+                return [torch.einsum("b,b...->...", c, t) for t in kept]
+
+            return sq_all, clipped
 
         def clipped(c: torch.Tensor) -> list[torch.Tensor]:
-            return [torch.einsum("b,b...->...", c, t) for t in parts]
+            """One weight-gradient product with per-example scaled output gradients."""
+            cr = c.repeat_interleave(n // b).view(-1, *[1] * (g.dim() - 1))
+            gs = g * cr
+            if layer.kind == "linear":
+                w = torch.einsum("...p,...d->pd", gs, a)
+            else:
+                w = torch.nn.grad.conv2d_weight(
+                    a, m.weight.shape, gs, m.stride, m.padding, m.dilation, m.groups
+                )
+            out = list(pullback(w)) if pullback is not None else [w]
+            if has_bias:
+                per_out = (
+                    gs.reshape(-1, p)
+                    if layer.kind == "linear"
+                    else gs.transpose(0, 1).reshape(p, -1).T
+                )
+                out.append(per_out.sum(0))
+            return out
 
-        return sq, clipped
+        return sq_all, clipped
 
     @staticmethod
-    def _norm_layer(layer: _Layer, b: int, k: int, g: torch.Tensor):
+    def _norm_layer(layer: _Layer, a: torch.Tensor, g: torch.Tensor, b: int, k: int):
         """Affine parameters of GroupNorm / public BatchNorm: explicit per-example grads."""
-        m, a = layer.module, layer.a
+        m = layer.module
         if layer.kind == "gn":
             xhat = F.group_norm(a, m.num_groups, eps=m.eps)
         else:
@@ -174,30 +201,52 @@ class GhostEngine(Engine):
         b, k = x.shape[:2]
         if b == 0:
             return self.zero_result(x.device)
+        layer_sq: list[torch.Tensor | None] = [None] * len(self.params)
+        finishers = []
+
+        def on_grad(layer: _Layer, g: torch.Tensor) -> None:
+            a, g = layer.a, g.detach()
+            layer.a = None  # from here on only what the clipped sum needs is kept
+            if layer.kind in ("conv", "wsconv", "linear"):
+                sq, fin = self._matmul_layer(layer, a, g, b, k)
+            else:
+                sq, fin = self._norm_layer(layer, a, g, b, k)
+            for i, s in zip(layer.param_idx, sq):
+                layer_sq[i] = s
+            finishers.append((layer, fin))
+
+        def forward_hook(layer: _Layer):
+            def hook(module, inputs, output):
+                layer.calls += 1
+                if layer.calls > 1:
+                    raise ConfigError(
+                        f"engine 'scalemix' needs each layer to run once per forward pass; "
+                        f"{type(module).__name__} ran twice (weight sharing): use --engine vmap"
+                    )
+                layer.a = inputs[0].detach()
+                output.register_hook(lambda g: on_grad(layer, g))
+
+            return hook
+
         for layer in self.layers:
-            layer.a = layer.z = None
-        handles = [layer.module.register_forward_hook(layer.capture) for layer in self.layers]
+            layer.a, layer.calls = None, 0
+        handles = [layer.module.register_forward_hook(forward_hook(layer)) for layer in self.layers]
+        xin = x.reshape(b * k, *x.shape[2:]).detach().requires_grad_(True)
         try:
-            logits = self.model(x.reshape(b * k, *x.shape[2:]))
+            logits = self.model(xin)
         finally:
             for h in handles:
                 h.remove()
         loss, correct = view_averaged_loss(logits, y, k)
         total = loss.sum()
-        out_grads = torch.autograd.grad(total, [layer.z for layer in self.layers])
-
-        layer_sq = [None] * len(self.params)
-        finishers = []
-        for layer, g in zip(self.layers, out_grads):
-            g = g.detach()
-            if layer.kind in ("conv", "wsconv", "linear"):
-                sq, fin = self._matmul_layer(layer, b, k, g)
-            else:
-                sq, fin = self._norm_layer(layer, b, k, g)
-            for i, s in zip(layer.param_idx, sq):
-                layer_sq[i] = s
-            finishers.append((layer, fin))
-            layer.a = layer.z = None  # free the activations as we go
+        # The gradient w.r.t. the input runs the backward pass through every layer (and
+        # its hooks) without forming any weight gradient.
+        torch.autograd.grad(total, xin)
+        missing = [layer for layer in self.layers if layer_sq[layer.param_idx[0]] is None]
+        if missing:  # pragma: no cover - a layer whose output does not reach the loss
+            raise ConfigError(
+                f"engine 'scalemix': {type(missing[0].module).__name__} got no gradient; use --engine vmap"
+            )
         layer_sq_t = torch.stack(layer_sq)  # (P, b)
         norms = layer_sq_t.sum(0).sqrt()
         if not torch.isfinite(norms).all():

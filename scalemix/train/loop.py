@@ -428,7 +428,9 @@ class Trainer:
         if self.resumed_from is not None:
             self.log(f"resuming {self.run_dir.root} from step {self.step}/{self.total_steps}")
         bar = None
-        if self.progress:
+        heartbeat = self.progress and not sys.stderr.isatty()  # no bar: a line every 30 s
+        last_beat = time.monotonic()
+        if self.progress and sys.stderr.isatty():
             from tqdm import tqdm
 
             bar = tqdm(
@@ -459,6 +461,12 @@ class Trainer:
                     )
                 if end_of_epoch or self.step % cfg.checkpoint_every == 0:
                     self.save_checkpoint()
+                if heartbeat and time.monotonic() - last_beat > 30:
+                    last_beat = time.monotonic()
+                    self.log(
+                        f"step {self.step}/{self.total_steps}  loss {row['loss']:.3f}  "
+                        f"{self.images_seen / self.train_seconds:.1f} img/s"
+                    )
                 if bar is not None:
                     eps = self.last_eval.get("epsilon")
                     bar.set_postfix(

@@ -1,0 +1,1 @@
+"""Benchmarks (``scalemix bench ...``): medians of repeated runs and ratios, never timed tests."""

@@ -1,0 +1,257 @@
+"""``scalemix bench dp-step``: one DP-SGD step per engine, same model, same batch.
+
+Engines (each a complete step: gradients, clipping, noise, optimiser step):
+- ``nonprivate``   plain forward/backward + SGD step (the baseline of every ratio);
+- ``opacus``       Opacus ``PrivacyEngine.make_private`` with per-sample hooks, as a user calls it;
+- ``opacus-ghost`` the same with ``grad_sample_mode="ghost"`` (Opacus's fast gradient clipping);
+- ``vmap``         scalemix's torch.func reference engine;
+- ``scalemix``     scalemix's fast engine (book-keeping clipping with mixed ghost norms).
+
+Timing: every engine in this process, interleaved round-robin over the repeats so that
+drifts in machine speed hit all engines alike; warm-up steps are excluded; the median is
+reported, with the ratio to the non-private median of the same run.
+
+Peak memory: on the CPU a process's heap peak cannot be attributed to one engine once
+another has run, so each engine runs again in a child process and reports the growth of
+its peak resident set over the baseline after the model and batch exist. On CUDA the
+allocator's peak (``torch.cuda.max_memory_allocated``) is read in-process.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from scalemix.errors import ConfigError
+
+ENGINE_NAMES = ("nonprivate", "opacus", "opacus-ghost", "vmap", "scalemix")
+SIGMA, CLIP, LR = 1.0, 1.0, 0.01
+
+
+def _setup(model_name: str, batch: int, device: torch.device, seed: int = 0, resolution: int = 32):
+    from scalemix.models import create_model
+
+    torch.manual_seed(seed)
+    model = create_model(model_name).to(device)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 3, resolution, resolution, generator=g).to(device)
+    y = torch.randint(0, 10, (batch,), generator=g).to(device)
+    return model, x, y
+
+
+def make_step(engine: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+    """A closure that runs one complete training step of ``engine``."""
+    from scalemix.engine import make_engine
+    from scalemix.privacy import NoiseSource
+    from scalemix.privacy.mechanism import noisy_mean
+
+    model = copy.deepcopy(model)
+    b = x.shape[0]
+    if engine == "nonprivate":
+        opt = torch.optim.SGD(model.parameters(), lr=LR)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+
+        return step
+    if engine in ("vmap", "scalemix"):
+        e = make_engine(engine, model, CLIP)
+        opt = torch.optim.SGD(e.params, lr=LR)
+        noise = NoiseSource("seeded", 0, x.device)
+        xk = x.unsqueeze(1)
+
+        def step():
+            r = e(xk, y)
+            grads = noisy_mean(r.grads, sigma=SIGMA, clip=CLIP, expected_batch_size=b, noise=noise)
+            for p, g in zip(e.params, grads):
+                p.grad = g
+            opt.step()
+
+        return step
+    if engine in ("opacus", "opacus-ghost"):
+        from opacus import PrivacyEngine
+        from torch.utils.data import DataLoader, TensorDataset
+
+        opt = torch.optim.SGD(model.parameters(), lr=LR)
+        loader = DataLoader(TensorDataset(x, y), batch_size=b)
+        pe = PrivacyEngine()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if engine == "opacus":
+                model, opt, loader = pe.make_private(
+                    module=model,
+                    optimizer=opt,
+                    data_loader=loader,
+                    noise_multiplier=SIGMA,
+                    max_grad_norm=CLIP,
+                    poisson_sampling=False,
+                    grad_sample_mode="hooks",
+                )
+                criterion = nn.CrossEntropyLoss()
+            else:
+                model, opt, criterion, loader = pe.make_private(
+                    module=model,
+                    optimizer=opt,
+                    data_loader=loader,
+                    criterion=nn.CrossEntropyLoss(),
+                    noise_multiplier=SIGMA,
+                    max_grad_norm=CLIP,
+                    poisson_sampling=False,
+                    grad_sample_mode="ghost",
+                )
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            criterion(model(x), y).backward()
+            opt.step()
+
+        return step
+    raise ConfigError(f"unknown engine {engine!r}; choose from {', '.join(ENGINE_NAMES)}")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_engines(
+    engines: list[str],
+    model_name: str,
+    batch: int,
+    repeats: int,
+    warmup: int,
+    device: torch.device,
+    progress=None,
+) -> dict[str, list[float]]:
+    model, x, y = _setup(model_name, batch, device)
+    steps = {e: make_step(e, model, x, y) for e in engines}
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+        _sync(device)
+    times: dict[str, list[float]] = {e: [] for e in engines}
+    for r in range(repeats):
+        for e, step in steps.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            step()
+            _sync(device)
+            times[e].append((time.perf_counter() - t0) * 1000)
+        if progress:
+            progress(r + 1, repeats)
+    return times
+
+
+def peak_memory_mb(engine: str, model_name: str, batch: int, device: torch.device) -> float:
+    """The step's peak memory above the model-and-batch baseline (see module docstring)."""
+    if device.type == "cuda":
+        model, x, y = _setup(model_name, batch, device)
+        step = make_step(engine, model, x, y)
+        step()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    out = subprocess.run(
+        [sys.executable, "-m", "scalemix.bench.dp_step", engine, model_name, str(batch)],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    if out.returncode != 0:
+        raise RuntimeError(
+            f"memory probe for {engine} failed: {out.stderr.strip().splitlines()[-1:]}"
+        )
+    return float(json.loads(out.stdout)["peak_mb"])
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _child(engine: str, model_name: str, batch: int) -> None:
+    """Peak resident memory of two steps above the baseline after setup.
+
+    Read from this process's own VmHWM (reset through clear_refs after setup): getrusage's
+    ru_maxrss would carry the parent's high-water mark across execve on Linux.
+    """
+    from scalemix.runtime import keep_cpu_memory
+
+    keep_cpu_memory()
+    model, x, y = _setup(model_name, batch, torch.device("cpu"))
+    step = make_step(engine, model, x, y)
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    base = _status_kb("VmRSS")
+    step()
+    step()
+    peak = _status_kb("VmHWM")
+    print(json.dumps({"peak_mb": (peak - base) / 1024}))
+
+
+def run_bench(
+    engines: list[str],
+    model_name: str,
+    batch: int,
+    repeats: int = 10,
+    warmup: int = 2,
+    device: torch.device | None = None,
+    memory: bool = True,
+    progress=None,
+) -> dict:
+    device = device or torch.device("cpu")
+    if device.type == "cpu":
+        from scalemix.runtime import keep_cpu_memory
+
+        keep_cpu_memory()
+    unknown = [e for e in engines if e not in ENGINE_NAMES]
+    if unknown:
+        raise ConfigError(
+            f"unknown engine(s) {', '.join(unknown)}; choose from {', '.join(ENGINE_NAMES)}"
+        )
+    if "nonprivate" not in engines:
+        engines = ["nonprivate", *engines]
+    times = time_engines(engines, model_name, batch, repeats, warmup, device, progress)
+    base = statistics.median(times["nonprivate"])
+    peaks = {e: peak_memory_mb(e, model_name, batch, device) for e in engines} if memory else {}
+    base_mem = peaks.get("nonprivate")
+    result = {
+        "model": model_name,
+        "batch": batch,
+        "repeats": repeats,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "engines": {},
+    }
+    for e in engines:
+        med = statistics.median(times[e])
+        result["engines"][e] = {
+            "median_ms": med,
+            "min_ms": min(times[e]),
+            "max_ms": max(times[e]),
+            "ratio": med / base,
+            "peak_mb": peaks.get(e),
+            "memory_ratio": (peaks[e] / base_mem) if memory and base_mem else None,
+        }
+    return result
+
+
+if __name__ == "__main__":  # child process of peak_memory_mb
+    _child(sys.argv[1], sys.argv[2], int(sys.argv[3]))

@@ -1,0 +1,110 @@
+"""``scalemix bench``: benchmarks that print medians of repeated runs and ratios."""
+
+from __future__ import annotations
+
+import json
+import platform
+
+import typer
+
+app = typer.Typer(
+    help="Benchmarks: medians of repeated runs, ratios to a baseline measured in the same run.",
+    no_args_is_help=True,
+)
+
+
+@app.command("dp-step")
+def dp_step(
+    model: str = typer.Option("resnet9", help="Architecture (see 'scalemix models')."),
+    batch: int = typer.Option(64, help="Examples per step (one physical batch)."),
+    engines: str = typer.Option(
+        "nonprivate,opacus,opacus-ghost,vmap,scalemix",
+        help="Comma-separated: nonprivate, opacus, opacus-ghost, vmap, scalemix.",
+    ),
+    repeats: int = typer.Option(10, help="Timed steps per engine (after warm-up)."),
+    warmup: int = typer.Option(2, help="Untimed warm-up steps per engine."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    memory: bool = typer.Option(
+        True, "--memory/--no-memory", help="Also measure each engine's peak memory."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
+) -> None:
+    """Time one DP-SGD step (clipping, noise, optimiser) per engine on the same model and batch."""
+    from scalemix.bench.dp_step import run_bench
+    from scalemix.errors import ConfigError
+    from scalemix.train import resolve_device
+
+    if batch < 1 or repeats < 1 or warmup < 0:
+        raise ConfigError("--batch and --repeats must be positive, --warmup >= 0")
+    names = [e.strip() for e in engines.split(",") if e.strip()]
+    dev = resolve_device(device)
+
+    def progress(done, total):
+        if not as_json:
+            typer.echo(f"  repeat {done}/{total}", err=True)
+
+    res = run_bench(names, model, batch, repeats, warmup, dev, memory, progress)
+    res["machine"] = f"{platform.machine()} {platform.processor() or ''}".strip()
+    if as_json:
+        typer.echo(json.dumps(res))
+        return
+    typer.echo(
+        f"{model}, batch {batch}, {res['device']}, {res['threads']} threads, median of {repeats}"
+    )
+    typer.echo(f"{'engine':<14}{'median ms':>11}{'ratio':>8}{'peak MB':>10}{'mem ratio':>11}")
+    for name, r in res["engines"].items():
+        peak = "-" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"
+        mr = "-" if r["memory_ratio"] is None else f"{r['memory_ratio']:.2f}"
+        typer.echo(f"{name:<14}{r['median_ms']:>11.1f}{r['ratio']:>8.2f}{peak:>10}{mr:>11}")
+
+
+@app.command("train")
+def train_e2e(
+    data: str = typer.Option("cifar10", help="digits | cifar10 | imagenette."),
+    data_dir: str = typer.Option(None, help="Data folder (as for 'scalemix train')."),
+    model: str = typer.Option("resnet9", help="Architecture."),
+    batch_size: int = typer.Option(512, help="Expected logical batch size (both pipelines)."),
+    physical_batch: int = typer.Option(32, help="Physical batch (both pipelines)."),
+    epsilon: float = typer.Option(
+        8.0, help="Target epsilon used to calibrate sigma (both pipelines)."
+    ),
+    epochs: float = typer.Option(1.0, help="Epochs used to calibrate sigma."),
+    steps: int = typer.Option(3, help="Logical steps per pipeline per round."),
+    rounds: int = typer.Option(2, help="Alternating rounds."),
+    engine: str = typer.Option("scalemix", help="scalemix engine to compare."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
+) -> None:
+    """images/s of 'scalemix train' vs the founding paper's recipe on Opacus (same data, model, batches)."""
+    import tempfile
+
+    from scalemix.bench.e2e import run_e2e
+    from scalemix.train import TrainConfig
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = TrainConfig(
+            data=data,
+            data_dir=data_dir,
+            model=model,
+            batch_size=batch_size,
+            physical_batch=physical_batch,
+            epsilon=epsilon,
+            epochs=epochs,
+            engine=engine,
+            out=f"{tmp}/run",
+            ema=None,
+        ).validate()
+        res = run_e2e(
+            cfg,
+            steps,
+            rounds,
+            log=(lambda *_: None) if as_json else (lambda m: typer.echo(m, err=True)),
+        )
+    if as_json:
+        typer.echo(json.dumps(res))
+        return
+    ips = res["images_per_second"]
+    typer.echo(
+        f"{model} on {data}, logical batch {batch_size}, physical {physical_batch}: "
+        f"scalemix {ips['scalemix']:.1f} img/s, Opacus recipe {ips['opacus']:.1f} img/s, "
+        f"speed-up {res['speedup']:.2f}x"
+    )

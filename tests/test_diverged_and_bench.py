@@ -1,0 +1,100 @@
+"""A non-finite loss stops the run as 'diverged' (never averaged in); the bench commands
+run and print the JSON they promise."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import torch
+
+from scalemix.train import Trainer
+
+
+def test_non_finite_loss_stops_as_diverged(tiny_cfg, digits8):
+    trainer = Trainer(tiny_cfg, data=digits8, progress=False, log=lambda *_: None)
+    with torch.no_grad():
+        trainer.model.fc.weight[0, 0] = float("nan")
+    result = trainer.run()
+    assert result["status"] == "diverged" and "non-finite" in result["error"]
+    assert result["steps"] == 0 and result["epsilon"] == 0.0  # no step was released
+    saved = json.loads((trainer.run_dir.result).read_text())
+    assert saved["status"] == "diverged"
+
+
+def _cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "scalemix", *args], capture_output=True, text=True, timeout=900
+    )
+
+
+def test_bench_dp_step_json():
+    r = _cli(
+        "bench",
+        "dp-step",
+        "--batch",
+        "2",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--engines",
+        "nonprivate,opacus,opacus-ghost,vmap,scalemix",
+        "--no-memory",
+        "--json",
+    )
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert set(res["engines"]) == {"nonprivate", "opacus", "opacus-ghost", "vmap", "scalemix"}
+    for e in res["engines"].values():
+        assert e["median_ms"] > 0 and e["ratio"] > 0
+    assert res["engines"]["nonprivate"]["ratio"] == 1.0
+
+
+def test_bench_dp_step_memory_probe():
+    r = _cli(
+        "bench",
+        "dp-step",
+        "--batch",
+        "2",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--engines",
+        "scalemix",
+        "--json",
+    )
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert (
+        res["engines"]["scalemix"]["peak_mb"] >= 0 and res["engines"]["nonprivate"]["peak_mb"] >= 0
+    )
+
+
+def test_bench_unknown_engine_is_usage_error():
+    r = _cli("bench", "dp-step", "--engines", "turbo", "--no-memory")
+    assert r.returncode == 2 and "unknown engine" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bench_train_against_opacus_recipe_on_digits():
+    r = _cli(
+        "bench",
+        "train",
+        "--data",
+        "digits",
+        "--batch-size",
+        "64",
+        "--physical-batch",
+        "32",
+        "--steps",
+        "1",
+        "--rounds",
+        "1",
+        "--json",
+    )
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["images_per_second"]["scalemix"] > 0 and res["images_per_second"]["opacus"] > 0
+    assert res["speedup"] > 0
