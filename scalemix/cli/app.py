@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from scalemix.cli import bench_cmd, models_cmd, privacy_cmd, train_cmd
+from scalemix.cli import bench_cmd, models_cmd, privacy_cmd, spp_cmd, train_cmd
 
 app = typer.Typer(
     name="scalemix",
@@ -20,6 +20,7 @@ app = typer.Typer(
 )
 app.command("train")(train_cmd.train)
 app.command("models")(models_cmd.models)
+app.command("spp")(spp_cmd.spp)
 app.add_typer(privacy_cmd.app, name="privacy")
 app.add_typer(bench_cmd.app, name="bench")
 
