@@ -24,7 +24,7 @@ def test_probe_statistics_match_direct_computation():
         getattr(b, f"tap_{r}").register_forward_hook(lambda m, i, o, r=r: seen.__setitem__(r, o))
         for r in ("skip", "branch", "sum", "out")
     ]
-    with BlockProbe(model) as probe:
+    with BlockProbe(model) as probe, torch.no_grad():
         assert probe.active_handles == 8
         model(x)
         stats = probe.collect()["res1"]
