@@ -102,3 +102,21 @@ def test_spp_cli_writes_figure_and_json(tmp_path):
     assert [row["index"] for row in rows] == [0, 1, 2]
     assert {"avg_sq_mean", "avg_var", "res_avg_var"} <= set(rows[1])
     assert out.stat().st_size > 1000
+
+
+def test_probe_reads_blocks_during_a_fast_engine_step():
+    """The diagnostics hooks see the training batch as the fast DP engine passes it."""
+    from scalemix.engine import GhostEngine
+
+    torch.manual_seed(0)
+    model = create_model("resnet9", groups=8)
+    engine = GhostEngine(model, clip=1.0)
+    x, y = torch.randn(4, 2, 3, 16, 16), torch.randint(0, 10, (4,))
+    with BlockProbe(model) as probe:
+        res = engine(x, y)
+        stats = probe.collect()
+    assert set(stats) == {"res1", "res2"} and res.n == 4
+    with torch.no_grad(), BlockProbe(model) as probe:
+        model(x.reshape(8, 3, 16, 16))
+        direct = probe.collect()
+    assert stats["res1"]["scale_ratio"] == pytest.approx(direct["res1"]["scale_ratio"], rel=1e-5)
