@@ -8,22 +8,19 @@ from typing import Optional
 
 import typer
 
+from scalemix.cli.options import WS, Act, Groups, ModelName, Norm, Placement, ScaleNorm
 from scalemix.errors import ConfigError
 
 
 def spp(
     out: Path = typer.Option(..., "--out", "-o", help="Figure file (.png or .pdf)."),
-    model: str = typer.Option("resnet9", help="Architecture (see 'scalemix models')."),
-    norm: Optional[str] = typer.Option(
-        None, help="group | layer | instance | none | public_batch | batch."
-    ),
-    groups: Optional[int] = typer.Option(None, help="GroupNorm groups (1-64)."),
-    scalenorm: Optional[bool] = typer.Option(
-        None, "--scalenorm/--no-scalenorm", help="Norm after each residual addition."
-    ),
-    placement: Optional[str] = typer.Option(None, help="standard | preact."),
-    ws: Optional[str] = typer.Option(None, help="none | plain | scaled."),
-    act: Optional[str] = typer.Option(None, help="relu | mish | silu."),
+    model: ModelName = "resnet9",
+    norm: Norm = None,
+    groups: Groups = None,
+    scalenorm: ScaleNorm = None,
+    placement: Placement = None,
+    ws: WS = None,
+    act: Act = None,
     data: Optional[str] = typer.Option(
         None, help="Use a real batch (digits | cifar10 | imagenette) instead of N(0,1) input."
     ),

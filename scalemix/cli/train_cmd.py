@@ -9,47 +9,24 @@ from typing import Optional
 import typer
 
 from scalemix.cli._compat import ParameterSource
+from scalemix.cli.options import WS, Act, Groups, ModelName, Norm, Placement, ScaleNorm
 from scalemix.errors import ConfigError
 from scalemix.train import RunDir, TrainConfig
 from scalemix.train import train as run_training
 
-MODEL = "Model (default: the architecture's; see 'scalemix models')"
 DATA, PRIVACY, OPTIM, RUN = "Data", "Privacy", "Optimisation", "Run"
 _DEF = TrainConfig()
 
 
 def train(
     ctx: typer.Context,
-    model: str = typer.Option(
-        _DEF.model,
-        help="Architecture: resnet9, resnet18, resnet50, wrn16_4, wrn40_4, nf_resnet.",
-        rich_help_panel=MODEL,
-    ),
-    norm: Optional[str] = typer.Option(
-        None,
-        help="group | layer | instance | none | public_batch | batch (batch: --non-private only).",
-        rich_help_panel=MODEL,
-    ),
-    groups: Optional[int] = typer.Option(
-        None,
-        help="GroupNorm groups (1-64, min(groups, C) per layer; must divide the channels).",
-        rich_help_panel=MODEL,
-    ),
-    scalenorm: Optional[bool] = typer.Option(
-        None,
-        "--scalenorm/--no-scalenorm",
-        help="Extra norm right after every residual addition (Klause et al.).",
-        rich_help_panel=MODEL,
-    ),
-    placement: Optional[str] = typer.Option(
-        None, help="standard (conv->norm->act) | preact (norm->act->conv).", rich_help_panel=MODEL
-    ),
-    ws: Optional[str] = typer.Option(
-        None, help="Weight standardisation: none | plain | scaled.", rich_help_panel=MODEL
-    ),
-    act: Optional[str] = typer.Option(
-        None, help="Activation: relu | mish | silu.", rich_help_panel=MODEL
-    ),
+    model: ModelName = _DEF.model,
+    norm: Norm = None,
+    groups: Groups = None,
+    scalenorm: ScaleNorm = None,
+    placement: Placement = None,
+    ws: WS = None,
+    act: Act = None,
     data: str = typer.Option(
         _DEF.data,
         help="digits (embedded in scikit-learn, offline) | cifar10 | imagenette.",

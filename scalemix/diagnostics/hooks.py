@@ -43,7 +43,7 @@ def _rms(t: torch.Tensor) -> torch.Tensor:
     return t.float().pow(2).mean().sqrt()
 
 
-def _channel_stats(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def channel_stats(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and population variance over (N, H, W)."""
     dims = [0, *range(2, t.dim())]
     t = t.float()
@@ -63,8 +63,8 @@ def block_stats(
     dims = [0, *range(2, s.dim())]
     ch_ratio = r.float().pow(2).mean(dims).sqrt() / (s.float().pow(2).mean(dims).sqrt() + eps)
     q = torch.quantile(ch_ratio, torch.tensor([0.25, 0.5, 0.75], device=ch_ratio.device))
-    mean_o, var_o = _channel_stats(y)
-    _, var_r_c = _channel_stats(r)
+    mean_o, var_o = channel_stats(y)
+    _, var_r_c = channel_stats(r)
     return torch.stack(
         [
             rms_s,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from scalemix.diagnostics.hooks import BlockProbe, _channel_stats
+from scalemix.diagnostics.hooks import BlockProbe, channel_stats
 from scalemix.models import has_public_bn, refresh_public_stats
 
 
@@ -38,7 +38,7 @@ def signal_propagation(model: nn.Module, x: torch.Tensor) -> list[dict]:
     finally:
         pre.remove()
         model.train(was_training)
-    mean, var = _channel_stats(stem["x"])
+    mean, var = channel_stats(stem["x"])
     rows = [
         {
             "index": 0,
