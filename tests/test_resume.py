@@ -17,6 +17,7 @@ def _quiet(cfg, data, resume=False):
 
 
 def test_resume_matches_uninterrupted(tiny_cfg, digits8, tmp_path):
+    tiny_cfg = tiny_cfg.replace(diag_every=2)
     full_cfg = tiny_cfg.replace(out=str(tmp_path / "full"))
     full = _quiet(full_cfg, digits8)
     res_full = full.run()
@@ -43,6 +44,10 @@ def test_resume_matches_uninterrupted(tiny_cfg, digits8, tmp_path):
     m_cut = pd.read_csv(tmp_path / "cut" / "metrics.csv")
     assert list(m_cut["step"]) == list(m_full["step"])
     assert m_cut["loss"].tolist() == pytest.approx(m_full["loss"].tolist())
+    d_full = pd.read_csv(tmp_path / "full" / "diagnostics.csv")
+    d_cut = pd.read_csv(tmp_path / "cut" / "diagnostics.csv")
+    assert sorted(set(d_full["step"])) == [1, 2, 4, 6][: len(set(d_full["step"]))]
+    pd.testing.assert_frame_equal(d_cut, d_full)  # no step logged twice or lost
 
 
 def test_resume_refuses_a_changed_configuration(tiny_cfg, digits8):

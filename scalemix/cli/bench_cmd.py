@@ -108,3 +108,56 @@ def train_e2e(
         f"scalemix {ips['scalemix']:.1f} img/s, Opacus recipe {ips['opacus']:.1f} img/s, "
         f"speed-up {res['speedup']:.2f}x"
     )
+
+
+@app.command("diagnostics")
+def diagnostics(
+    model: str = typer.Option("resnet9", help="Architecture."),
+    batch: int = typer.Option(64, help="Examples per step (one physical batch)."),
+    image_size: int = typer.Option(32, help="Synthetic image size in px (CIFAR-10: 32)."),
+    steps: int = typer.Option(10, help="Training steps per mode per round."),
+    rounds: int = typer.Option(3, help="Rounds (the median is over rounds)."),
+    modes: str = typer.Option(
+        "off,every_step,every_10,probe_every_step,probe_every_10",
+        help="Comma-separated modes; 'off' is always measured (the baseline).",
+    ),
+    device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
+) -> None:
+    """Step time with diagnostics off, every step and every 10 steps (training batch or held-out probe)."""
+    from scalemix.bench.diagnostics import MODES, run_diag_bench
+    from scalemix.errors import ConfigError
+
+    names = tuple(m.strip() for m in modes.split(",") if m.strip())
+    bad = [m for m in names if m not in MODES]
+    if bad:
+        raise ConfigError(f"--modes: unknown {', '.join(bad)}; choose from {', '.join(MODES)}")
+    if min(batch, steps, rounds, image_size) < 1:
+        raise ConfigError("--batch, --steps, --rounds and --image-size must be positive")
+
+    def progress(done, total):
+        if not as_json:
+            typer.echo(f"  round {done}/{total}", err=True)
+
+    res = run_diag_bench(
+        model=model,
+        batch=batch,
+        size=image_size,
+        steps=steps,
+        rounds=rounds,
+        modes=names,
+        device=device,
+        progress=progress,
+    )
+    res["machine"] = f"{platform.machine()} {platform.processor() or ''}".strip()
+    if as_json:
+        typer.echo(json.dumps(res))
+        return
+    typer.echo(
+        f"{model}, batch {batch}, {image_size} px, {res['device']}, {res['threads']} threads, "
+        f"median over {rounds} rounds of {steps} steps"
+    )
+    typer.echo(f"{'mode':<18}{'median ms':>11}{'overhead':>10}")
+    for m, ms in res["median_ms"].items():
+        ov = "-" if m == "off" else f"{100 * res['overhead'][m]:+.1f}%"
+        typer.echo(f"{m:<18}{ms:>11.1f}{ov:>10}")

@@ -15,6 +15,8 @@ from scalemix.train import RunDir, TrainConfig
 from scalemix.train import train as run_training
 
 DATA, PRIVACY, OPTIM, RUN = "Data", "Privacy", "Optimisation", "Run"
+DIAG, TRACK = "Diagnostics", "Weights & Biases"
+TRACKING_FLAGS = ("wandb", "wandb_project", "wandb_entity", "wandb_group")
 _DEF = TrainConfig()
 
 
@@ -132,6 +134,33 @@ def train(
         _DEF.ema, help="EMA decay of the parameters.", rich_help_panel=OPTIM
     ),
     no_ema: bool = typer.Option(False, "--no-ema", help="Keep no EMA.", rich_help_panel=OPTIM),
+    diag_every: int = typer.Option(
+        _DEF.diag_every,
+        help="Steps between diagnostics rows in diagnostics.csv (0: off; step 1 always).",
+        rich_help_panel=DIAG,
+    ),
+    diag_source: str = typer.Option(
+        _DEF.diag_source,
+        help="train: read the step's own batch (free, but NOT covered by DP) | probe: a fixed "
+        "held-out batch in one extra forward pass.",
+        rich_help_panel=DIAG,
+    ),
+    diag_probe_size: int = typer.Option(
+        _DEF.diag_probe_size,
+        help="--diag-source probe: test-split examples in the probe batch.",
+        rich_help_panel=DIAG,
+    ),
+    wandb: bool = typer.Option(
+        False,
+        "--wandb",
+        help="Log config, metrics and diagnostics to W&B (offline to <out>/wandb without an API key).",
+        rich_help_panel=TRACK,
+    ),
+    wandb_project: str = typer.Option("scalemix", help="W&B project.", rich_help_panel=TRACK),
+    wandb_entity: Optional[str] = typer.Option(
+        None, help="W&B entity (user or team).", rich_help_panel=TRACK
+    ),
+    wandb_group: Optional[str] = typer.Option(None, help="W&B group.", rich_help_panel=TRACK),
     seed: int = typer.Option(
         _DEF.seed,
         help="Seed for init, sampling, augmentation and (seeded mode) noise.",
@@ -171,7 +200,7 @@ def train(
     reported accuracy is the final step's, never the best epoch's.
     """
     values = dict(ctx.params)
-    for k in ("resume", "quiet", "no_ema"):
+    for k in ("resume", "quiet", "no_ema", *TRACKING_FLAGS):
         values.pop(k)
     if no_ema:
         values["ema"] = None
@@ -195,7 +224,7 @@ def train(
             for p in ctx.command.params
             if ctx.get_parameter_source(p.name) == ParameterSource.COMMANDLINE
         }
-        given -= {"resume", "quiet", "out"}
+        given -= {"resume", "quiet", "out", *TRACKING_FLAGS}
         if no_ema:
             given.add("ema")
         mine, theirs = cfg.as_dict(), stored.as_dict()
@@ -209,7 +238,14 @@ def train(
     log = (lambda *a, **k: None) if quiet else (lambda msg: typer.echo(msg, err=True))
     if not quiet:
         log(_describe(cfg))
-    result = run_training(cfg, resume=resume, progress=not quiet, log=log)
+    tracking = None
+    if wandb:
+        from scalemix.tracking import WandbSettings
+
+        tracking = WandbSettings(
+            project=wandb_project, entity=wandb_entity, group=wandb_group, job_type="train"
+        )
+    result = run_training(cfg, resume=resume, progress=not quiet, log=log, wandb=tracking)
     typer.echo(json.dumps({k: result[k] for k in _SHOWN if k in result}))
     if result["status"] != "done":
         typer.echo(

@@ -124,11 +124,18 @@ class BlockProbe:
 
         return hook
 
+    def take(self) -> tuple[list[str], torch.Tensor | None]:
+        """The block names and their (blocks, METRICS) statistics, still on the device."""
+        if not self._stats:
+            return [], None
+        names = list(self._stats)
+        stacked = torch.stack([self._stats[n] for n in names])
+        self._stats.clear()
+        return names, stacked
+
     def collect(self) -> dict[str, dict[str, float]]:
         """Fetch every block's statistics of the last forward pass in one transfer."""
-        if not self._stats:
+        names, stacked = self.take()
+        if stacked is None:
             return {}
-        names = list(self._stats)
-        values = torch.stack([self._stats[n] for n in names]).cpu().tolist()
-        self._stats.clear()
-        return {n: dict(zip(METRICS, v)) for n, v in zip(names, values)}
+        return {n: dict(zip(METRICS, v)) for n, v in zip(names, stacked.cpu().tolist())}

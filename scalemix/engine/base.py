@@ -34,6 +34,7 @@ class Engine:
 
     name = "base"
     private = True
+    hooks_see_batch = True  # module forward hooks see the whole chunk as one plain tensor
 
     def __init__(self, model: nn.Module, clip: float | None):
         self.model = model

@@ -19,6 +19,7 @@ from scalemix.errors import Diverged
 
 class VmapEngine(Engine):
     name = "vmap"
+    hooks_see_batch = False  # forward hooks run on per-example BatchedTensors under vmap
 
     def __init__(self, model, clip: float | None):
         super().__init__(model, clip)

@@ -51,6 +51,20 @@ class ModelAxes:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    def short(self) -> str:
+        """A compact label, e.g. 'GN32+ScaleNorm standard mish'."""
+        names = {
+            "group": f"GN{self.groups}",
+            "layer": "LN",
+            "instance": "IN",
+            "none": "no-norm",
+            "public_batch": "publicBN",
+            "batch": "BN",
+        }
+        label = names.get(self.norm, self.norm) + ("+ScaleNorm" if self.scalenorm else "")
+        ws = "" if self.ws == "none" else f" WS-{self.ws}"
+        return f"{label} {self.placement}{ws} {self.act}"
+
 
 class LayerFactory:
     """Makes convs, norms and activations according to the axes."""

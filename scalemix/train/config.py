@@ -12,6 +12,7 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 
 from scalemix.data import AUGMENTATIONS, DATASETS
+from scalemix.diagnostics.recorder import DIAG_SOURCES
 from scalemix.errors import ConfigError, PrivacyError
 from scalemix.models import BATCH_COUPLED_NORMS, resolve_axes
 from scalemix.privacy import ACCOUNTANTS, NOISE_MODES, SAMPLERS
@@ -59,6 +60,10 @@ class TrainConfig:
     weight_decay: float = 0.0
     lr_schedule: str = "constant"  # constant | cosine (over the planned steps)
     ema: float | None = 0.999  # EMA decay of the parameters (None: off)
+    # --- diagnostics (scalemix.diagnostics)
+    diag_every: int = 10  # steps between diagnostics rows (0: off); step 1 is always logged
+    diag_source: str = "train"  # train (the step's own batch: NOT covered by DP) | probe (held-out)
+    diag_probe_size: int = 256  # probe: examples of the test split read at each logging step
     # --- run
     seed: int = 0  # model init, sampler, augmentation, and (seeded mode) noise
     device: str = "auto"  # auto | cpu | cuda
@@ -121,6 +126,12 @@ class TrainConfig:
             raise ConfigError("--weight-decay must be >= 0 and --momentum in [0, 1)")
         if self.ema is not None and not 0 < self.ema < 1:
             raise ConfigError(f"--ema must be in (0, 1) (or --no-ema), got {self.ema}")
+        choice(self.diag_source, DIAG_SOURCES, "--diag-source")
+        if self.diag_every < 0 or self.diag_probe_size < 1:
+            raise ConfigError(
+                f"--diag-every must be >= 0 (0: off) and --diag-probe-size >= 1, "
+                f"got {self.diag_every} and {self.diag_probe_size}"
+            )
         if self.public_size < 0:
             raise ConfigError(f"--public-size must be >= 0, got {self.public_size}")
         if self.aug_mult > 1 and self.aug == "none":

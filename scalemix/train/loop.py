@@ -21,11 +21,15 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from scalemix import __version__
 from scalemix.data import ImageData, augment, load_data, normalize
+from scalemix.diagnostics.recorder import CAVEAT, TrainingDiagnostics
+from scalemix.diagnostics.recorder import COLUMNS as DIAG_COLUMNS
+from scalemix.diagnostics.table import FIGURE, META, TABLE, plot_scale_ratio, read_diagnostics
 from scalemix.engine import NonPrivateEngine, make_engine
 from scalemix.errors import ConfigError, Diverged, PrivacyError
 from scalemix.models import create_model, refresh_public_stats
@@ -36,6 +40,9 @@ from scalemix.train.config import TrainConfig
 from scalemix.train.ema import EMA
 from scalemix.train.optim import make_optimizer, make_schedule
 from scalemix.train.rundir import CsvLog, RunDir, save_atomic, write_json_atomic
+
+if TYPE_CHECKING:
+    from scalemix.tracking import WandbSettings
 
 STEP_COLUMNS = [
     "step",
@@ -85,8 +92,11 @@ class Trainer:
         resume: bool = False,
         progress: bool = True,
         log=print,
+        wandb: WandbSettings | None = None,
     ):
         self.cfg = cfg.validate()
+        self.wandb_settings = wandb
+        self.wandb = None
         self.log = log
         self.progress = progress
         self.run_dir = RunDir(cfg.out)
@@ -175,6 +185,19 @@ class Trainer:
         self.train_seconds = 0.0
         self.images_seen = 0
         self.last_eval: dict = {}
+        probe_x = None
+        if cfg.diag_every and cfg.diag_source == "probe":
+            probe_x = normalize(self.test_x[: cfg.diag_probe_size], self.mean, self.std)
+        self.diag = TrainingDiagnostics(
+            self.model,
+            self.engine,
+            every=cfg.diag_every,
+            source=cfg.diag_source,
+            probe_x=probe_x,
+            sigma=self.sigma,
+            clip=cfg.clip if self.private else None,
+        )
+        self.last_diag: list[dict] = []
 
         self.resumed_from = None
         if resume and self.run_dir.checkpoint.exists():
@@ -184,12 +207,32 @@ class Trainer:
         write_json_atomic(self.run_dir.config, self.resolved_config())
         self.metrics = CsvLog(self.run_dir.metrics_path, STEP_COLUMNS)
         self.epochs_log = CsvLog(self.run_dir.epochs_path, EPOCH_COLUMNS)
+        self.diag_log = CsvLog(self.run_dir.root / TABLE, DIAG_COLUMNS)
+        logs = (self.metrics, self.epochs_log, self.diag_log)
         if self.resumed_from is not None:
-            self.metrics.truncate_after(self.step)
-            self.epochs_log.truncate_after(self.step)
+            for lg in logs:
+                lg.truncate_after(self.step)
         else:
-            for p in (self.run_dir.metrics_path, self.run_dir.epochs_path):
-                p.unlink(missing_ok=True)
+            for lg in logs:
+                lg.path.unlink(missing_ok=True)
+        if cfg.diag_every:
+            write_json_atomic(
+                self.run_dir.root / META,
+                {
+                    "table": TABLE,
+                    "columns": DIAG_COLUMNS,
+                    "every": cfg.diag_every,
+                    "block_source": self.diag.block_source_label,
+                    "block_rows": "first physical chunk of the step's training batch"
+                    if cfg.diag_source == "train"
+                    else f"fixed held-out batch: the first {len(probe_x)} test examples",
+                    "gradient_rows": "whole logical batch of training examples (source=train)"
+                    if self.diag.grad_side
+                    else None,
+                    "rows_from_training_data": cfg.diag_source == "train" or self.diag.grad_side,
+                    "caveat": CAVEAT,
+                },
+            )
 
     # ------------------------------------------------------------------ setup helpers
 
@@ -260,8 +303,12 @@ class Trainer:
         loss_sum = torch.zeros((), device=dev)
         correct = torch.zeros((), device=dev)
         norms = []
-        for x, y in self._chunks(idx):
-            r = self.engine(x, y)
+        diag = self.diag
+        diag.begin_step(self.step + 1)
+        for i, (x, y) in enumerate(self._chunks(idx)):
+            with diag.chunk_context(i):
+                r = self.engine(x, y)
+            diag.after_chunk(i, x, r)
             torch._foreach_add_(grads, r.grads)
             loss_sum += r.loss_sum
             correct += r.correct
@@ -269,6 +316,7 @@ class Trainer:
                 norms.append(r.norms)
         if not torch.isfinite(loss_sum):
             raise Diverged(f"non-finite training loss at step {self.step + 1}")
+        diag.before_noise(grads)
         noisy_mean(
             grads,
             sigma=self.sigma,
@@ -285,6 +333,7 @@ class Trainer:
         if self.private:
             self.ledger.step(self.sigma, self.q)
         self.step += 1
+        self.last_diag = diag.end_step(self.step)
         b = len(idx)
         if dev.type == "cuda":
             torch.cuda.synchronize()
@@ -424,7 +473,6 @@ class Trainer:
 
     def run(self, stop_after: int | None = None) -> dict:
         """Train to the planned step count; write result.json; return the result."""
-        cfg = self.cfg
         if self.resumed_from is not None:
             self.log(f"resuming {self.run_dir.root} from step {self.step}/{self.total_steps}")
         bar = None
@@ -441,70 +489,118 @@ class Trainer:
                 disable=not sys.stderr.isatty(),
                 desc="train",
             )
+        self._start_wandb()
         try:
-            while self.step < self.total_steps:
-                row = self.train_step()
-                self.metrics.append(row)
-                end_of_epoch = (
-                    self.step % self.steps_per_epoch == 0 or self.step == self.total_steps
-                )
-                if end_of_epoch:
-                    ev = self.eval_row()
-                    self.epochs_log.append(ev)
-                    eps = ev["epsilon"]
-                    self.log(
-                        f"epoch {ev['epoch']:.2f}  step {self.step}/{self.total_steps}  "
-                        f"test_acc {ev['test_acc']:.4f}"
-                        + (f"  ema {ev['test_acc_ema']:.4f}" if "test_acc_ema" in ev else "")
-                        + (f"  eps {eps:.3f}" if eps is not None else "  non-private")
-                        + f"  {self.images_seen / self.train_seconds:.1f} img/s"
-                    )
-                if end_of_epoch or self.step % cfg.checkpoint_every == 0:
-                    self.save_checkpoint()
-                if heartbeat and time.monotonic() - last_beat > 30:
-                    last_beat = time.monotonic()
-                    self.log(
-                        f"step {self.step}/{self.total_steps}  loss {row['loss']:.3f}  "
-                        f"{self.images_seen / self.train_seconds:.1f} img/s"
-                    )
-                if bar is not None:
-                    eps = self.last_eval.get("epsilon")
-                    bar.set_postfix(
-                        loss=f"{row['loss']:.3f}",
-                        eps="-" if eps is None else f"{eps:.2f}",
-                        img_s=f"{row['images_per_second'] or 0:.0f}",
-                    )
-                    bar.update(1)
-                if (
-                    stop_after is not None
-                    and self.step >= stop_after
-                    and self.step < self.total_steps
-                ):
-                    self.save_checkpoint()
-                    raise Interrupted(f"stopped after step {self.step}")
+            with self.diag:
+                self._loop(bar, heartbeat, last_beat, stop_after)
         except Diverged as e:
             result = self.result("diverged", str(e))
             write_json_atomic(self.run_dir.result, result)
+            self._finish_outputs(result, exit_code=1)
             return result
         except (KeyboardInterrupt, Interrupted):
             self.save_checkpoint()
+            self._finish_outputs(None, exit_code=1)
             raise
         except Exception as e:
             self.run_dir.error_log.write_text(traceback.format_exc())
-            write_json_atomic(
-                self.run_dir.result, self.result("failed", f"{type(e).__name__}: {e}")
-            )
+            result = self.result("failed", f"{type(e).__name__}: {e}")
+            write_json_atomic(self.run_dir.result, result)
+            self._finish_outputs(result, exit_code=1)
             raise
         finally:
             if bar is not None:
                 bar.close()
-            self.metrics.close()
-            self.epochs_log.close()
+            for lg in (self.metrics, self.epochs_log, self.diag_log):
+                lg.close()
         self._save_final_model()
         result = self.result("done")
+        self._finish_outputs(result, exit_code=0)
         write_json_atomic(self.run_dir.result, result)  # last: its presence means "ended"
         self.run_dir.checkpoint.unlink(missing_ok=True)
         return result
+
+    def _loop(self, bar, heartbeat: bool, last_beat: float, stop_after: int | None) -> None:
+        cfg = self.cfg
+        while self.step < self.total_steps:
+            row = self.train_step()
+            self.metrics.append(row)
+            for drow in self.last_diag:
+                self.diag_log.append(drow)
+            if self.wandb is not None:
+                self.wandb.log({f"train/{k}": v for k, v in row.items()}, self.step)
+                if self.last_diag:
+                    self.wandb.log_diagnostics(self.last_diag, self.step)
+            end_of_epoch = self.step % self.steps_per_epoch == 0 or self.step == self.total_steps
+            if end_of_epoch:
+                ev = self.eval_row()
+                self.epochs_log.append(ev)
+                if self.wandb is not None:
+                    self.wandb.log({f"eval/{k}": v for k, v in ev.items()}, self.step)
+                eps = ev["epsilon"]
+                self.log(
+                    f"epoch {ev['epoch']:.2f}  step {self.step}/{self.total_steps}  "
+                    f"test_acc {ev['test_acc']:.4f}"
+                    + (f"  ema {ev['test_acc_ema']:.4f}" if "test_acc_ema" in ev else "")
+                    + (f"  eps {eps:.3f}" if eps is not None else "  non-private")
+                    + f"  {self.images_seen / self.train_seconds:.1f} img/s"
+                )
+            if end_of_epoch or self.step % cfg.checkpoint_every == 0:
+                self.save_checkpoint()
+            if heartbeat and time.monotonic() - last_beat > 30:
+                last_beat = time.monotonic()
+                self.log(
+                    f"step {self.step}/{self.total_steps}  loss {row['loss']:.3f}  "
+                    f"{self.images_seen / self.train_seconds:.1f} img/s"
+                )
+            if bar is not None:
+                eps = self.last_eval.get("epsilon")
+                bar.set_postfix(
+                    loss=f"{row['loss']:.3f}",
+                    eps="-" if eps is None else f"{eps:.2f}",
+                    img_s=f"{row['images_per_second'] or 0:.0f}",
+                )
+                bar.update(1)
+            if stop_after is not None and self.step >= stop_after and self.step < self.total_steps:
+                self.save_checkpoint()
+                raise Interrupted(f"stopped after step {self.step}")
+
+    # ------------------------------------------------------------------ outputs
+
+    def _start_wandb(self) -> None:
+        if self.wandb_settings is None:
+            return
+        from dataclasses import replace
+
+        from scalemix.tracking import WandbRun
+
+        settings = self.wandb_settings
+        if self.cfg.diag_every and (self.cfg.diag_source == "train" or self.diag.grad_side):
+            settings = replace(settings, notes=((settings.notes or "") + " " + CAVEAT).strip())
+        self.wandb = WandbRun(settings, self.run_dir.root, self.resolved_config())
+
+    def _finish_outputs(self, result: dict | None, exit_code: int) -> None:
+        """The diagnostics figure and the W&B summary; never raises over the real outcome."""
+        try:
+            self.diag_log.close()
+            df = read_diagnostics(self.run_dir.root)
+            plot_scale_ratio(
+                df,
+                self.run_dir.root / FIGURE,
+                title=f"{self.cfg.model} {self.model.axes.short()}",
+            )
+        except Exception as e:  # pragma: no cover - a figure must not lose a run
+            self.log(f"warning: diagnostics figure not written: {e}")
+        if self.wandb is not None:
+            try:
+                if result is not None:
+                    self.wandb.summary({f"result/{k}": v for k, v in result.items()})
+                cmd = self.wandb.finish(exit_code)
+                if cmd:
+                    self.log(f"W&B run written offline; upload it with: {cmd}")
+            except Exception as e:  # pragma: no cover
+                self.log(f"warning: W&B run not finished cleanly: {e}")
+            self.wandb = None
 
     def _save_final_model(self) -> None:
         state = {"model": self.model.state_dict(), "config": self.cfg.as_dict()}
@@ -513,10 +609,17 @@ class Trainer:
         save_atomic(state, Path(self.run_dir.root) / "model.pt")
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, log=print) -> dict:
+def train(
+    cfg: TrainConfig,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    log=print,
+    wandb: WandbSettings | None = None,
+) -> dict:
     """Train one configuration into ``cfg.out``; return the result dictionary."""
     rd = RunDir(cfg.out)
     if resume and (res := rd.read_result()) is not None and res.get("status") == "done":
         log(f"{rd.root} is already finished; nothing to do")
         return res
-    return Trainer(cfg, resume=resume, progress=progress, log=log).run()
+    return Trainer(cfg, resume=resume, progress=progress, log=log, wandb=wandb).run()
