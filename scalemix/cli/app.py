@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import typer
 
-from scalemix.cli import bench_cmd, models_cmd, privacy_cmd, spp_cmd, train_cmd
+from scalemix.cli import (
+    ablate_cmd,
+    bench_cmd,
+    models_cmd,
+    privacy_cmd,
+    report_cmd,
+    spp_cmd,
+    train_cmd,
+)
 
 app = typer.Typer(
     name="scalemix",
@@ -21,6 +29,10 @@ app = typer.Typer(
 app.command("train")(train_cmd.train)
 app.command("models")(models_cmd.models)
 app.command("spp")(spp_cmd.spp)
+app.command("ablate")(ablate_cmd.ablate)
+app.command("grids")(ablate_cmd.grids)
+app.command("status")(ablate_cmd.status)
+app.command("report")(report_cmd.report)
 app.add_typer(privacy_cmd.app, name="privacy")
 app.add_typer(bench_cmd.app, name="bench")
 

@@ -1,0 +1,281 @@
+"""Ablation grids as data: a TOML file expands into cells, each a fully resolved config.
+
+A grid file (``ablations/NAME.toml``)::
+
+    name = "gn_groups"
+    description = "..."
+    seeds = [0, 1, 2]
+
+    [base]                      # TrainConfig fields shared by every cell
+    model = "resnet9"
+    epsilon = 8.0
+
+    [axes]                      # Cartesian product, in the order written
+    groups = [1, 2, 4, 8]       # a list: values of the TrainConfig field of that name
+    [axes.variant]              # a table: named variants, each a set of field values
+    gn = { norm = "group" }
+    ln = { norm = "layer" }
+
+    [[include]]                 # extra cells (axis labels; optional extra fields)
+    groups = 3
+    [[exclude]]                 # drop every cell whose axes match all given labels
+    groups = 8
+
+    [report]                    # how the report compares cells (issue 5)
+    primary = "groups"          # the many-valued axis (omnibus test, x axis of plots)
+    paired = "scalenorm"        # compared on shared seeds at each primary value
+
+    [presets.quick]             # overrides: base (merged), axes (replaced per axis), seeds
+    seeds = [0, 1]
+    [presets.quick.base]
+    data = "digits"
+
+A cell is named by the SHA-256 of its fully resolved configuration (model axes filled
+in from the architecture's defaults; ``out`` and ``threads``, which do not change what
+is computed, left out), so the same experiment gets the same name in every grid.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from scalemix.errors import ConfigError
+from scalemix.train import TrainConfig
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+NOT_HASHED = ("out", "threads", "device", "checkpoint_every")
+
+
+def grid_dirs() -> list[Path]:
+    """Where grid names are looked up: $SCALEMIX_GRIDS, then the checkout's ablations/."""
+    dirs = []
+    if env := os.environ.get("SCALEMIX_GRIDS"):
+        dirs.append(Path(env))
+    dirs.append(Path(__file__).resolve().parents[2] / "ablations")
+    return dirs
+
+
+def available_grids() -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for d in grid_dirs():
+        for p in sorted(d.glob("*.toml")) if d.is_dir() else []:
+            found.setdefault(p.stem, p)
+    return found
+
+
+def find_grid(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.suffix == ".toml" or os.sep in name_or_path:
+        if not p.is_file():
+            raise ConfigError(f"grid file {p} does not exist")
+        return p
+    grids = available_grids()
+    if name_or_path not in grids:
+        known = ", ".join(grids) or "none found"
+        raise ConfigError(
+            f"unknown grid {name_or_path!r}; known grids: {known} (or give a path to a .toml file)"
+        )
+    return grids[name_or_path]
+
+
+def parse_value(text: str):
+    """A --set value: TOML syntax when it parses (1, 1.5, true, "x", [1, 2]), else a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def parse_sets(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set epochs=2")
+        k, v = item.split("=", 1)
+        out[k.strip().replace("-", "_")] = parse_value(v.strip())
+    return out
+
+
+@dataclass
+class Cell:
+    id: str  # hash of the resolved configuration (12 hex digits)
+    axes: dict  # axis name -> label (scalars for list axes, variant names for tables)
+    seed: int
+    config: TrainConfig  # without ``out``
+
+    @property
+    def label(self) -> str:
+        return " ".join(f"{k}={v}" for k, v in self.axes.items()) + f" seed={self.seed}"
+
+
+@dataclass
+class Grid:
+    name: str
+    path: Path
+    description: str
+    preset: str | None
+    base: dict
+    axes: dict  # axis -> list of labels or {variant: overrides}
+    seeds: list[int]
+    include: list[dict] = field(default_factory=list)
+    exclude: list[dict] = field(default_factory=list)
+    report: dict = field(default_factory=dict)
+    presets: list[str] = field(default_factory=list)
+    sets: dict = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ expansion
+
+    def _overrides(self, axis: str, label) -> dict:
+        spec = self.axes[axis]
+        if isinstance(spec, dict):
+            return dict(spec[label])
+        return {axis: label}
+
+    def cells(self) -> list[Cell]:
+        names = list(self.axes)
+        labels = [list(v) if isinstance(v, dict) else list(v) for v in self.axes.values()]
+        combos = [dict(zip(names, c)) for c in itertools.product(*labels)]
+        for inc in self.include:
+            combo = {k: inc[k] for k in names if k in inc}
+            missing = [k for k in names if k not in combo]
+            if missing:
+                raise ConfigError(
+                    f"grid {self.name}: an [[include]] entry lacks the axes {', '.join(missing)}"
+                )
+            extra = {k: v for k, v in inc.items() if k not in names}
+            combos.append({**combo, "__extra__": extra})
+        combos = [
+            c
+            for c in combos
+            if not any(all(c.get(k) == v for k, v in ex.items()) for ex in self.exclude)
+        ]
+        out, seen = [], set()
+        for combo in combos:
+            extra = combo.pop("__extra__", {})
+            for seed in self.seeds:
+                values = dict(self.base)
+                for axis, label in combo.items():
+                    if isinstance(self.axes[axis], dict) and label not in self.axes[axis]:
+                        raise ConfigError(f"grid {self.name}: axis {axis} has no variant {label!r}")
+                    values.update(self._overrides(axis, label))
+                values.update(extra)
+                values.update(self.sets)
+                values["seed"] = seed
+                cfg = _config(values, f"grid {self.name}, cell {combo}")
+                cid = cell_hash(cfg)
+                if cid in seen:
+                    continue  # two axis labels that resolve to the same experiment
+                seen.add(cid)
+                out.append(Cell(cid, dict(combo), seed, cfg))
+        if not out:
+            raise ConfigError(f"grid {self.name}: the axes, includes and excludes leave no cell")
+        return out
+
+    def summary(self) -> dict:
+        return {
+            "name": self.name,
+            "path": str(self.path),
+            "description": self.description,
+            "preset": self.preset,
+            "axes": {k: list(v) for k, v in self.axes.items()},
+            "seeds": self.seeds,
+            "report": self.report,
+            "sets": self.sets,
+        }
+
+
+def _config(values: dict, where: str) -> TrainConfig:
+    try:
+        cfg = TrainConfig.from_dict(values)
+    except TypeError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    try:
+        return cfg.validate()
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def resolved_dict(cfg: TrainConfig) -> dict:
+    d = cfg.as_dict()
+    d.update(cfg.model_axes().as_dict())  # fill in the architecture's default axes
+    for k in NOT_HASHED:
+        d.pop(k, None)
+    return d
+
+
+def cell_hash(cfg: TrainConfig) -> str:
+    blob = json.dumps(resolved_dict(cfg), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def load_grid(name_or_path: str, preset: str | None = None, sets: dict | None = None) -> Grid:
+    path = find_grid(name_or_path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"grid file {path}: invalid TOML ({e})") from None
+    known = {
+        "name",
+        "description",
+        "seeds",
+        "base",
+        "axes",
+        "include",
+        "exclude",
+        "report",
+        "presets",
+    }
+    unknown = set(raw) - known
+    if unknown:
+        raise ConfigError(f"grid file {path}: unknown keys {', '.join(sorted(unknown))}")
+    presets = raw.get("presets", {})
+    base = dict(raw.get("base", {}))
+    axes = copy.deepcopy(raw.get("axes", {}))
+    seeds = list(raw.get("seeds", [0]))
+    if preset is not None:
+        if preset not in presets:
+            raise ConfigError(
+                f"grid {raw.get('name', path.stem)} has no preset {preset!r}; "
+                f"presets: {', '.join(presets) or 'none'}"
+            )
+        p = presets[preset]
+        base.update(p.get("base", {}))
+        axes.update(copy.deepcopy(p.get("axes", {})))
+        seeds = list(p.get("seeds", seeds))
+    for axis, spec in axes.items():
+        if not isinstance(spec, (list, dict)) or not spec:
+            raise ConfigError(f"grid file {path}: axis {axis} must be a non-empty list or table")
+    if not seeds or not all(isinstance(s, int) for s in seeds):
+        raise ConfigError(f"grid file {path}: seeds must be a non-empty list of integers")
+    sets = dict(sets or {})
+    for k in list(sets):
+        if k == "seeds":
+            v = sets.pop(k)
+            seeds = list(v) if isinstance(v, list) else [int(v)]
+        elif k in axes:  # --set groups=[1,2] replaces an axis
+            v = sets.pop(k)
+            axes[k] = v if isinstance(v, list) else [v]
+    return Grid(
+        name=raw.get("name", path.stem),
+        path=path,
+        description=raw.get("description", ""),
+        preset=preset,
+        base=base,
+        axes=axes,
+        seeds=seeds,
+        include=list(raw.get("include", [])),
+        exclude=list(raw.get("exclude", [])),
+        report=dict(raw.get("report", {})),
+        presets=list(presets),
+        sets=sets,
+    )

@@ -1,0 +1,204 @@
+"""A grid directory on disk: the plan, one run directory per cell, locks, statuses.
+
+    DIR/grid.json               the expanded grid: name, preset, axes, the cells (id, axes, seed)
+    DIR/cells/<id>/manifest.json  the cell: grid, axes, seed, the full configuration
+    DIR/cells/<id>/.lock        held (fcntl.flock) by the worker training the cell
+    DIR/cells/<id>/attempts.jsonl one line per time a worker started the cell
+    DIR/cells/<id>/...          the run directory (config.json, metrics.csv, result.json, ...)
+
+A cell's status comes from the files alone, so it survives any crash: ``result.json``
+says done / diverged / failed; otherwise a held lock means running, else pending (a
+pending cell with a checkpoint resumes from it). The OS releases a lock when its process
+dies, ``kill -9`` included.
+"""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+from scalemix import __version__
+from scalemix.errors import ConfigError
+from scalemix.train.rundir import read_json, write_json_atomic
+
+PLAN = "grid.json"
+STATUSES = ("done", "failed", "diverged", "running", "pending")
+
+
+class CellLock:
+    """An exclusive, non-blocking file lock (released by the OS if the holder dies)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._fd: int | None = None
+
+    def acquire(self) -> bool:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{socket.gethostname()} {os.getpid()}\n".encode())
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def held_elsewhere(self) -> bool:
+        if not self.path.exists():
+            return False
+        if self.acquire():
+            self.release()
+            return False
+        return True
+
+
+class GridDir:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.cells_root = self.root / "cells"
+
+    # ------------------------------------------------------------------ the plan
+
+    def write_plan(self, grid, cells) -> None:
+        old = self.read_plan()
+        if old is not None and old["grid"]["name"] != grid.name:
+            raise ConfigError(
+                f"{self.root} holds grid {old['grid']['name']!r}, not {grid.name!r}; choose another --out"
+            )
+        for cell in cells:
+            man = self.cell_dir(cell.id) / "manifest.json"
+            if not man.exists():
+                write_json_atomic(
+                    man,
+                    {
+                        "id": cell.id,
+                        "grid": grid.name,
+                        "axes": cell.axes,
+                        "seed": cell.seed,
+                        "config": cell.config.as_dict(),
+                    },
+                )
+        write_json_atomic(
+            self.root / PLAN,
+            {
+                "grid": grid.summary(),
+                "cells": [{"id": c.id, "axes": c.axes, "seed": c.seed} for c in cells],
+                "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "version": __version__,
+            },
+        )
+
+    def read_plan(self) -> dict | None:
+        return read_json(self.root / PLAN)
+
+    def plan(self) -> dict:
+        plan = self.read_plan()
+        if plan is None:
+            raise ConfigError(
+                f"{self.root} is not a grid directory (no {PLAN}); run 'scalemix ablate --grid NAME --out {self.root}'"
+            )
+        return plan
+
+    # ------------------------------------------------------------------ cells
+
+    def cell_dir(self, cid: str) -> Path:
+        return self.cells_root / cid
+
+    def lock(self, cid: str) -> CellLock:
+        return CellLock(self.cell_dir(cid) / ".lock")
+
+    def manifest(self, cid: str) -> dict:
+        man = read_json(self.cell_dir(cid) / "manifest.json")
+        if man is None:
+            raise ConfigError(f"cell {cid}: manifest.json is missing in {self.cell_dir(cid)}")
+        return man
+
+    def result(self, cid: str) -> dict | None:
+        return read_json(self.cell_dir(cid) / "result.json")
+
+    def status(self, cid: str) -> str:
+        res = self.result(cid)
+        if res is not None and res.get("status") in ("done", "diverged", "failed"):
+            return res["status"]
+        return "running" if self.lock(cid).held_elsewhere() else "pending"
+
+    def record_attempt(self, cid: str, resumed_from: int | None) -> None:
+        with open(self.cell_dir(cid) / "attempts.jsonl", "a") as fh:
+            fh.write(
+                json.dumps(
+                    {
+                        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                        "host": socket.gethostname(),
+                        "pid": os.getpid(),
+                        "resumed_from_step": resumed_from,
+                    }
+                )
+                + "\n"
+            )
+
+    def attempts(self, cid: str) -> list[dict]:
+        path = self.cell_dir(cid) / "attempts.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def progress(self, cid: str) -> tuple[int, int | None]:
+        """(steps done, planned steps) of a cell, from its metrics table and config."""
+        d = self.cell_dir(cid)
+        cfg = read_json(d / "config.json") or {}
+        planned = cfg.get("resolved", {}).get("steps")
+        last = 0
+        path = d / "metrics.csv"
+        if path.exists():
+            try:
+                with open(path, newline="") as fh:
+                    for row in csv.DictReader(fh):
+                        if row.get("step"):
+                            last = int(float(row["step"]))
+            except (OSError, ValueError):
+                pass
+        return last, planned
+
+    def table(self) -> list[dict]:
+        """Every planned cell: id, status, axes, seed, result."""
+        rows = []
+        for c in self.plan()["cells"]:
+            res = self.result(c["id"])
+            status = self.status(c["id"])
+            done, planned = self.progress(c["id"])
+            rows.append(
+                {
+                    "id": c["id"],
+                    "status": status,
+                    "axes": c["axes"],
+                    "seed": c["seed"],
+                    "progress": {"step": done, "steps": planned},
+                    "result": _brief(res) if res else None,
+                }
+            )
+        return rows
+
+
+def _brief(res: dict) -> dict:
+    keys = ("test_acc", "test_acc_ema", "epsilon", "sigma", "steps", "train_seconds", "error")
+    return {k: res.get(k) for k in keys}
+
+
+def counts(rows: list[dict]) -> dict:
+    out = dict.fromkeys(STATUSES, 0)
+    for r in rows:
+        out[r["status"]] = out.get(r["status"], 0) + 1
+    return out

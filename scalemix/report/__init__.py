@@ -1,0 +1,149 @@
+"""Statistical ablation reports: ``scalemix report DIR``.
+
+collect.py loads a grid directory into a DataFrame; stats.py holds the statistics;
+analysis.py turns runs into per-cell summaries, paired comparisons, omnibus tests,
+correlations and plain-language findings; pdf.py draws the PDF. ``build_report`` writes,
+next to the PDF, ``runs.csv``, ``cells.csv/.md``, ``comparisons.csv/.md``, ``tests.csv``
+and ``findings.md``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from scalemix import __version__
+
+
+def _md_table(frame: pd.DataFrame) -> str:
+    if frame.empty:
+        return "_none_\n"
+    cols = list(frame.columns)
+    lines = ["| " + " | ".join(map(str, cols)) + " |", "|" + "---|" * len(cols)]
+    for _, r in frame.iterrows():
+        lines.append("| " + " | ".join(str(r[c]) for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _pct(x) -> str:
+    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
+
+
+def _p(x) -> str:
+    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3g}"
+
+
+def display_tables(an) -> dict[str, pd.DataFrame]:
+    """The human-readable tables (strings: accuracies in %, p-values to 3 digits)."""
+    cells = an.cells.copy()
+    out_cells = cells[an.axes].astype(str)
+    out_cells["n"] = cells["n"].astype(int)
+    out_cells["mean %"] = cells["mean"].map(_pct)
+    out_cells["sd"] = cells["std"].map(_pct)
+    out_cells["95% CI"] = [f"{_pct(a)}-{_pct(b)}" for a, b in zip(cells.ci_low, cells.ci_high)]
+    out_cells["IQM %"] = cells["iqm"].map(lambda v: _pct(v) if v is not None else "")
+    comp = an.comparisons
+    if comp.empty:
+        out_comp = pd.DataFrame()
+    else:
+        strata = [a for a in an.axes if a in comp.columns and a != an.paired_axis]
+        out_comp = comp[strata].astype(str)
+        out_comp.insert(0, "b vs a", comp["b"] + " vs " + comp["a"])
+        out_comp["n"] = comp["n"].astype(int)
+        out_comp["diff (pts)"] = comp.mean_diff.map(lambda v: f"{100 * v:+.2f}")
+        out_comp["95% CI"] = [
+            f"{100 * a:+.2f} to {100 * b:+.2f}" if not math.isnan(a) else ""
+            for a, b in zip(comp.ci_low, comp.ci_high)
+        ]
+        out_comp["p (t)"] = comp.p_t.map(_p)
+        out_comp["p Holm"] = comp.p_holm.map(_p)
+        out_comp["p (W)"] = comp.p_wilcoxon.map(_p)
+        out_comp["d_z"] = comp.effect_dz.map(lambda v: "" if math.isnan(v) else f"{v:+.2f}")
+        out_comp["P(b>a)"] = comp.prob_improvement.map(lambda v: f"{v:.2f}")
+    rows = []
+    for _, r in an.omnibus.iterrows():
+        where = ", ".join(f"{a}={r[a]}" for a in an.axes if a != an.primary and a in r)
+        rows.append(
+            {
+                "test": f"{r.test} across {an.primary}",
+                "where": where or "all",
+                "statistic": f"{r.statistic:.3g}",
+                "p": _p(r.p),
+                "p Holm": _p(r.p_holm),
+            }
+        )
+    for _, r in an.correlations.iterrows():
+        rows.append(
+            {
+                "test": f"Spearman: {r.summary} vs accuracy",
+                "where": f"n = {r.n}",
+                "statistic": f"rho {r.rho:+.2f} [{r.ci_low:+.2f}, {r.ci_high:+.2f}]",
+                "p": _p(r.p),
+                "p Holm": _p(r.p_holm),
+            }
+        )
+    return {"cells": out_cells, "comparisons": out_comp, "omnibus_corr": pd.DataFrame(rows)}
+
+
+def build_report(grid_dir, out_pdf=None, *, log=print, wandb=None) -> Path:
+    """Write the PDF and its tables; return the PDF's path."""
+    from scalemix.report.analysis import analyse
+    from scalemix.report.collect import collect, trajectories
+    from scalemix.report.pdf import write_pdf
+    from scalemix.train.rundir import write_json_atomic
+
+    grid_dir = Path(grid_dir)
+    runs, plan = collect(grid_dir)
+    an = analyse(runs, plan)
+    pdf_path = Path(out_pdf) if out_pdf else grid_dir / "report" / "report.pdf"
+    folder = pdf_path.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    tables = display_tables(an)
+    runs.drop(columns=["model_axes", "image_shape"]).to_csv(folder / "runs.csv", index=False)
+    an.cells.to_csv(folder / "cells.csv", index=False)
+    an.comparisons.to_csv(folder / "comparisons.csv", index=False)
+    pd.concat(
+        [an.omnibus.assign(kind="omnibus"), an.correlations.assign(kind="spearman")],
+        ignore_index=True,
+    ).to_csv(folder / "tests.csv", index=False)
+    (folder / "cells.md").write_text(_md_table(tables["cells"]))
+    (folder / "comparisons.md").write_text(_md_table(tables["comparisons"]))
+    from scalemix.report.pdf import CAVEATS
+
+    (folder / "findings.md").write_text(
+        f"# {an.grid}{' (' + an.preset + ')' if an.preset else ''}: findings\n\n"
+        + "".join(f"- {f}\n" for f in an.findings)
+        + ("\n## Warnings\n\n" + "".join(f"- {w}\n" for w in an.warnings) if an.warnings else "")
+        + "\n## Caveats\n\n"
+        + "".join(f"- {c}\n" for c in CAVEATS)
+        + "\n## Tests\n\n"
+        + _md_table(tables["omnibus_corr"])
+    )
+    tmp = pdf_path.with_name(f".{pdf_path.name}.tmp")
+    pages = write_pdf(tmp, an, plan, trajectories(grid_dir, runs), tables, __version__)
+    tmp.replace(pdf_path)  # never a half-written PDF under the final name
+    write_json_atomic(
+        folder / "report.json",
+        {"pdf": str(pdf_path), "pages": pages, "findings": an.findings, "warnings": an.warnings},
+    )
+    if wandb is not None:
+        from dataclasses import replace
+
+        from scalemix.tracking import WandbRun
+
+        run = WandbRun(
+            replace(wandb, name=f"{an.grid}-report", job_type="report"),
+            folder,
+            {"grid": plan["grid"]},
+        )
+        run.log_table("report/cells", tables["cells"])
+        if not tables["comparisons"].empty:
+            run.log_table("report/comparisons", tables["comparisons"])
+        run.summary({f"finding_{i}": f for i, f in enumerate(an.findings)})
+        cmd = run.finish()
+        if cmd:
+            log(f"W&B report run written offline; upload it with: {cmd}")
+    log(f"report: {pages} pages -> {pdf_path}")
+    return pdf_path

@@ -1,0 +1,104 @@
+"""Load every cell of a grid directory into one pandas DataFrame.
+
+One row per planned cell: its id, status, axes (one column per axis), seed, the privacy
+settings and results from ``result.json``, and summaries of its diagnostics: per block,
+the final log2 scale ratio and its mean over training (``final_log2_ratio:<block>``,
+``mean_log2_ratio:<block>``), their means over blocks, and the final clip fraction and
+gradient SNR. ``trajectories`` returns the scale-ratio rows of every cell for plots.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from scalemix.ablate.store import GridDir
+from scalemix.diagnostics.recorder import MODEL_ROW
+from scalemix.diagnostics.table import read_diagnostics
+from scalemix.errors import ConfigError
+from scalemix.train.rundir import read_json
+
+RESULT_KEYS = (
+    "test_acc",
+    "test_acc_ema",
+    "test_loss",
+    "epsilon",
+    "delta",
+    "sigma",
+    "clip",
+    "expected_batch_size",
+    "sample_rate",
+    "steps",
+    "planned_steps",
+    "accountant",
+    "sampler",
+    "noise",
+    "private",
+    "train_seconds",
+    "images_per_second",
+    "version",
+    "error",
+)
+
+
+def _diag_summary(df: pd.DataFrame) -> dict:
+    out: dict = {}
+    if df.empty:
+        return out
+    ratio = df[(df.metric == "log2_scale_ratio") & (df.block != MODEL_ROW)]
+    if not ratio.empty:
+        last = ratio[ratio.step == ratio.step.max()].set_index("block").value
+        mean = ratio.groupby("block").value.mean()
+        for b in last.index:
+            out[f"final_log2_ratio:{b}"] = float(last[b])
+            out[f"mean_log2_ratio:{b}"] = float(mean[b])
+        out["final_log2_ratio"] = float(last.mean())
+        out["mean_log2_ratio"] = float(mean.mean())
+        out["diag_source"] = ",".join(sorted(set(ratio.source)))
+    model = df[df.block == MODEL_ROW]
+    if not model.empty:
+        last = model[model.step == model.step.max()].set_index("metric").value
+        for m in ("clip_fraction", "grad_snr"):
+            if m in last:
+                out[f"final_{m}"] = float(last[m])
+    return out
+
+
+def collect(grid_dir) -> tuple[pd.DataFrame, dict]:
+    """(runs, plan). Raises ConfigError when the directory has no finished run."""
+    gd = GridDir(grid_dir)
+    plan = gd.plan()
+    axes = list(plan["grid"]["axes"])
+    rows = []
+    for c in plan["cells"]:
+        cid = c["id"]
+        d = gd.cell_dir(cid)
+        res = read_json(d / "result.json") or {}
+        row = {"id": cid, "status": gd.status(cid), "seed": c["seed"]}
+        row.update({a: c["axes"].get(a) for a in axes})
+        row.update({k: res.get(k) for k in RESULT_KEYS})
+        cfg = (read_json(d / "config.json") or {}).get("resolved", {})
+        row["model_axes"] = cfg.get("model_axes")
+        row["image_shape"] = (cfg.get("data") or {}).get("shape")
+        row["model"] = (read_json(d / "config.json") or {}).get("config", {}).get("model")
+        row.update(_diag_summary(read_diagnostics(d)))
+        rows.append(row)
+    runs = pd.DataFrame(rows)
+    if runs.empty or not (runs.status == "done").any():
+        raise ConfigError(
+            f"{grid_dir}: no finished run to report on yet ('scalemix status {grid_dir}' shows the cells)"
+        )
+    return runs, plan
+
+
+def trajectories(grid_dir, runs: pd.DataFrame, metric: str = "log2_scale_ratio") -> pd.DataFrame:
+    """Long rows (id, step, block, value) of one block metric for every finished cell."""
+    gd = GridDir(grid_dir)
+    parts = []
+    for cid in runs.loc[runs.status == "done", "id"]:
+        df = read_diagnostics(gd.cell_dir(cid))
+        df = df[(df.metric == metric) & (df.block != MODEL_ROW)]
+        if not df.empty:
+            parts.append(df.assign(id=cid)[["id", "step", "block", "value", "source"]])
+    if not parts:
+        return pd.DataFrame(columns=["id", "step", "block", "value", "source"])
+    return pd.concat(parts, ignore_index=True)
