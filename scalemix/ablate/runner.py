@@ -60,7 +60,8 @@ class Monitor:
 
     def _cell_line(self, cid: str) -> str:
         step, steps = self.gd.progress(cid)
-        return f"  {cid} {self.labels.get(cid, '')}: step {step}/{steps or '?'}"
+        where = f"step {step}/{steps}" if steps else "starting (data, sigma calibration)"
+        return f"  {cid} {self.labels.get(cid, '')}: {where}"
 
     def close(self) -> None:
         for b in [*self.lines, self.bar]:

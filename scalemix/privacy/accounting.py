@@ -8,6 +8,7 @@ a sampler the accountants do not describe.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 
@@ -57,6 +58,15 @@ def _epsilon(
     kind: str,
     eps_error: float = PRV_EPS_ERROR,
 ) -> float:
+    return _epsilon_memo(tuple(tuple(h) for h in history), delta, kind, eps_error)
+
+
+@functools.lru_cache(maxsize=4096)
+def _epsilon_memo(
+    history: tuple[tuple[float, float, int], ...], delta: float, kind: str, eps_error: float
+) -> float:
+    """The accountants are deterministic functions of their inputs: the cells of a grid
+    (same sigma, q, steps) calibrate and report once per process."""
     acc = _opacus_accountant(kind)
     acc.history = list(history)
     with warnings.catch_warnings():

@@ -103,9 +103,14 @@ def _accuracy_page(pdf, an: Analysis, plan: dict) -> None:
         x = np.arange(len(levels))
         hue = an.paired_axis if axis == an.primary and an.paired_axis else None
         if hue:
+            done = an.runs[an.runs.status == "done"]
             for j, h in enumerate(plan["grid"]["axes"][hue]):
                 sub = cells[cells[hue] == h]
-                _errorbars(ax, sub, axis, levels, x + (j - 0.5) * 0.12, f"{hue}={h}")
+                shift = x + (j - 0.5) * 0.12
+                _errorbars(ax, sub, axis, levels, shift, f"{hue}={h}")
+                for i, lvl in enumerate(levels):
+                    pts = done[(done[axis] == lvl) & (done[hue] == h)][an.metric].astype(float)
+                    ax.scatter(np.full(len(pts), shift[i]), 100 * pts, s=8, color="grey", alpha=0.6)
         else:
             done = an.runs[an.runs.status == "done"]
             from scalemix.report.stats import describe
@@ -158,7 +163,7 @@ def _differences_page(pdf, an: Analysis) -> None:
     comp = an.comparisons
     if comp.empty:
         return
-    fig, ax = plt.subplots(figsize=A4)
+    fig, ax = plt.subplots(figsize=(A4[0], min(A4[1], 2.2 + 0.45 * len(comp))))
     strata = [a for a in an.axes if a in comp.columns and a != an.paired_axis]
     labels = [
         f"{r['b']} vs {r['a']}"
@@ -183,7 +188,10 @@ def _differences_page(pdf, an: Analysis) -> None:
     ax.scatter(m[~sig], y[~sig], color="steelblue", zorder=3, label="not significant")
     ax.axvline(0, color="black", lw=0.8)
     ax.set_yticks(y, labels, fontsize=8)
-    ax.set_xlabel("accuracy difference b - a (points), 95 % bootstrap CI over paired seeds")
+    ax.set_xlabel(
+        "accuracy difference b - a (points), 95 % bootstrap CI over paired seeds\n"
+        "(below ~6 seeds a bootstrap interval is too narrow: read the tests)"
+    )
     ax.set_title("Paired differences (matched on seed)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, axis="x")
@@ -221,11 +229,10 @@ def _trajectory_page(pdf, an: Analysis, traj: pd.DataFrame) -> None:
                 label=", ".join(f"{a}={v}" for a, v in zip(group_axes, key)),
                 lw=1.2,
             )
-        ax.axhline(0, color="grey", lw=0.6)
         ax.set_title(f"{block}: log2 rms(branch) / rms(skip), mean over seeds", fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    axs[0, 0].legend(fontsize=6, ncol=2)
+    axs[0, 0].legend(fontsize=6, ncol=2, loc="best", framealpha=0.6)
     source = set(traj.source)
     note = (
         "read from training batches: NOT covered by DP"
@@ -276,6 +283,9 @@ def _spp_page(pdf, an: Analysis) -> None:
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
     axs[-1].set_xlabel("residual block (0 = stem)")
+    from matplotlib.ticker import MaxNLocator
+
+    axs[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
     axs[0].legend(fontsize=6, ncol=2)
     fig.suptitle(
         "Signal propagation at initialisation, N(0, 1) input, per configuration", fontsize=11
@@ -300,8 +310,9 @@ def _table_page(pdf, title: str, frame: pd.DataFrame, note: str = "") -> None:
             cellText=part.values, colLabels=list(part.columns), loc="upper center", cellLoc="center"
         )
         tbl.auto_set_font_size(False)
-        tbl.set_fontsize(7)
-        tbl.scale(1, 1.25)
+        tbl.set_fontsize(8)
+        tbl.auto_set_column_width(list(range(len(part.columns))))
+        tbl.scale(1, 1.4)
         if note:
             fig.text(0.05, 0.03, "\n".join(textwrap.wrap(note, 170)), fontsize=8)
         pdf.savefig(fig)

@@ -197,6 +197,7 @@ def too_few(n: int, alpha: float = ALPHA) -> str | None:
         return (
             f"only {n} paired seeds: the smallest p-value a signed-rank test can reach is "
             f"{min_wilcoxon_p(n):.3f} > {alpha}, and a t test on {n} pairs rests on normality "
-            f"it cannot check; treat any difference as a hint, not a finding"
+            f"it cannot check, and bootstrap intervals from so few values are too narrow; "
+            f"treat any difference as a hint, not a finding"
         )
     return None
