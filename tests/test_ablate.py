@@ -232,3 +232,19 @@ def test_cli_dry_run_status_json_and_errors(tmp_path):
         text=True,
     )
     assert bad.returncode == 2 and "unknown grid" in bad.stderr
+
+
+def test_wandb_cells_are_runs_in_the_grid_group(tmp_path, monkeypatch):
+    from scalemix.tracking import WandbSettings
+    from scalemix.tracking.wandb_file import find_run_files, read_offline_run
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    grid = load_grid(str(_grid(tmp_path, "groups = [8]")))
+    out = tmp_path / "grid"
+    settings = WandbSettings(project="p", group=grid.name, job_type=grid.name)
+    assert ablate(grid, out, wandb=settings, log=lambda *_: None)["done"] == 1
+    cid = grid.cells()[0].id
+    run = read_offline_run(find_run_files(GridDir(out).cell_dir(cid))[0])
+    assert run["run"]["group"] == "tiny" and run["run"]["job_type"] == "tiny"
+    assert "groups=8" in run["run"]["tags"] and "seed=0" in run["run"]["tags"]
+    assert run["config"]["axes"] == {"groups": 8} and run["config"]["cell"] == cid

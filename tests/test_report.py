@@ -164,3 +164,17 @@ def test_report_cli_refuses_a_directory_without_finished_runs(tmp_path):
         [sys.executable, "-m", "scalemix", "report", str(tmp_path)], capture_output=True, text=True
     )
     assert res.returncode == 2 and "not a grid directory" in res.stderr
+
+
+def test_report_logs_its_tables_to_the_grid_group(tmp_path, monkeypatch):
+    from scalemix.tracking import WandbSettings
+    from scalemix.tracking.wandb_file import find_run_files, read_offline_run
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    root = make_grid_dir(tmp_path, effect=0.02, seeds=4)
+    pdf = build_report(root, log=lambda *_: None, wandb=WandbSettings(group="planted"))
+    run = read_offline_run(find_run_files(pdf.parent)[0])
+    assert run["run"]["group"] == "planted" and run["run"]["job_type"] == "report"
+    logged = set().union(*run["history"])
+    assert {"report/cells", "report/comparisons"} <= logged
+    assert any(str(v).startswith("Best mean accuracy") for v in run["summary"].values())
