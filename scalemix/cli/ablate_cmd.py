@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 
+from scalemix.cli.options import WandbEntity, WandbProject
 from scalemix.errors import ConfigError
 
 SLURM, TRACK = "SLURM (--executor slurm)", "Weights & Biases"
@@ -46,8 +47,8 @@ def ablate(
         help="Every cell is a W&B run in group = job_type = the grid's name.",
         rich_help_panel=TRACK,
     ),
-    wandb_project: str = typer.Option("scalemix", help="W&B project.", rich_help_panel=TRACK),
-    wandb_entity: Optional[str] = typer.Option(None, help="W&B entity.", rich_help_panel=TRACK),
+    wandb_project: WandbProject = "scalemix",
+    wandb_entity: WandbEntity = None,
     slurm_partition: Optional[str] = typer.Option(
         None, help="SLURM partition.", rich_help_panel=SLURM
     ),

@@ -57,3 +57,9 @@ WS = Annotated[
 Act = Annotated[
     Optional[str], typer.Option(help="Activation: relu | mish | silu.", rich_help_panel=MODEL_PANEL)
 ]
+
+TRACK_PANEL = "Weights & Biases"
+WandbProject = Annotated[str, typer.Option(help="W&B project.", rich_help_panel=TRACK_PANEL)]
+WandbEntity = Annotated[
+    Optional[str], typer.Option(help="W&B entity (user or team).", rich_help_panel=TRACK_PANEL)
+]

@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from scalemix.cli.options import WandbEntity, WandbProject
+
 
 def report(
     grid_dir: Path = typer.Argument(..., help="A grid directory written by 'scalemix ablate'."),
@@ -16,8 +18,8 @@ def report(
     wandb: bool = typer.Option(
         False, "--wandb", help="Also log the summary tables to the grid's W&B group."
     ),
-    wandb_project: str = typer.Option("scalemix", help="W&B project."),
-    wandb_entity: Optional[str] = typer.Option(None, help="W&B entity."),
+    wandb_project: WandbProject = "scalemix",
+    wandb_entity: WandbEntity = None,
 ) -> None:
     """Build the PDF report (per-cell statistics, paired tests with Holm correction, omnibus
     tests, scale mixing vs accuracy, findings and caveats) and CSV / Markdown tables."""

@@ -9,7 +9,17 @@ from typing import Optional
 import typer
 
 from scalemix.cli._compat import ParameterSource
-from scalemix.cli.options import WS, Act, Groups, ModelName, Norm, Placement, ScaleNorm
+from scalemix.cli.options import (
+    WS,
+    Act,
+    Groups,
+    ModelName,
+    Norm,
+    Placement,
+    ScaleNorm,
+    WandbEntity,
+    WandbProject,
+)
 from scalemix.errors import ConfigError
 from scalemix.train import RunDir, TrainConfig
 from scalemix.train import train as run_training
@@ -156,10 +166,8 @@ def train(
         help="Log config, metrics and diagnostics to W&B (offline to <out>/wandb without an API key).",
         rich_help_panel=TRACK,
     ),
-    wandb_project: str = typer.Option("scalemix", help="W&B project.", rich_help_panel=TRACK),
-    wandb_entity: Optional[str] = typer.Option(
-        None, help="W&B entity (user or team).", rich_help_panel=TRACK
-    ),
+    wandb_project: WandbProject = "scalemix",
+    wandb_entity: WandbEntity = None,
     wandb_group: Optional[str] = typer.Option(None, help="W&B group.", rich_help_panel=TRACK),
     seed: int = typer.Option(
         _DEF.seed,

@@ -17,6 +17,29 @@ import pandas as pd
 from scalemix import __version__
 
 
+def code_version() -> str:
+    """scalemix's version, and the git commit of the checkout it runs from (if any)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        sha = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        sha, dirty = "", ""
+    return __version__ + (f" (git {sha}{'+changes' if dirty else ''})" if sha else "")
+
+
 def _md_table(frame: pd.DataFrame) -> str:
     if frame.empty:
         return "_none_\n"
@@ -122,7 +145,7 @@ def build_report(grid_dir, out_pdf=None, *, log=print, wandb=None) -> Path:
         + _md_table(tables["omnibus_corr"])
     )
     tmp = pdf_path.with_name(f".{pdf_path.name}.tmp")
-    pages = write_pdf(tmp, an, plan, trajectories(grid_dir, runs), tables, __version__)
+    pages = write_pdf(tmp, an, plan, trajectories(grid_dir, runs), tables, code_version())
     tmp.replace(pdf_path)  # never a half-written PDF under the final name
     write_json_atomic(
         folder / "report.json",

@@ -67,50 +67,22 @@ def analyse(runs: pd.DataFrame, plan: dict, metric: str = METRIC) -> Analysis:
 
     # ---- paired comparisons
     others = [a for a in axes if a not in (primary, paired_axis)]
-    comps = []
     if paired_axis is not None:
         lo, hi = _levels(plan, paired_axis)
-        strata = [primary, *others]
-        for key, g in done.groupby(strata, sort=False, dropna=False):
-            key = key if isinstance(key, tuple) else (key,)
-            a = g[g[paired_axis] == lo].set_index("seed")[metric]
-            b = g[g[paired_axis] == hi].set_index("seed")[metric]
-            seeds = sorted(set(a.index) & set(b.index))
-            if not seeds:
-                continue
-            r = st.paired(a[seeds].values, b[seeds].values)
-            comps.append(
-                {
-                    "family": f"{paired_axis}: {hi} vs {lo}",
-                    **dict(zip(strata, key)),
-                    "a": _fmt_level(paired_axis, lo),
-                    "b": _fmt_level(paired_axis, hi),
-                    **r.as_dict(),
-                }
-            )
+        comps = _paired_family(
+            done,
+            paired_axis,
+            [(lo, hi)],
+            [primary, *others],
+            f"{paired_axis}: {hi} vs {lo}",
+            metric,
+        )
     else:
         levels = _levels(plan, primary)
-        base = levels[0]
-        groups = done.groupby(others, sort=False, dropna=False) if others else [((), done)]
-        for okey, g in groups:
-            okey = okey if isinstance(okey, tuple) else (okey,)
-            a = g[g[primary] == base].set_index("seed")[metric]
-            for lvl in levels[1:]:
-                b = g[g[primary] == lvl].set_index("seed")[metric]
-                seeds = sorted(set(a.index) & set(b.index))
-                if not seeds:
-                    continue
-                r = st.paired(a[seeds].values, b[seeds].values)
-                comps.append(
-                    {
-                        "family": f"{primary}: each vs {base}",
-                        primary: lvl,
-                        **dict(zip(others, okey)),
-                        "a": _fmt_level(primary, base),
-                        "b": _fmt_level(primary, lvl),
-                        **r.as_dict(),
-                    }
-                )
+        pairs = [(levels[0], lvl) for lvl in levels[1:]]
+        comps = _paired_family(
+            done, primary, pairs, others, f"{primary}: each vs {levels[0]}", metric
+        )
     comparisons = pd.DataFrame(comps)
     if not comparisons.empty:
         for idx in comparisons.groupby("family").groups.values():
@@ -160,6 +132,34 @@ def analyse(runs: pd.DataFrame, plan: dict, metric: str = METRIC) -> Analysis:
     )
     an.findings, an.warnings = findings(an)
     return an
+
+
+def _paired_family(
+    done: pd.DataFrame, axis: str, pairs: list, strata: list[str], family: str, metric: str
+) -> list[dict]:
+    """Compare level b against level a of ``axis`` on shared seeds, within each stratum."""
+    rows = []
+    groups = done.groupby(strata, sort=False, dropna=False) if strata else [((), done)]
+    for key, g in groups:
+        key = key if isinstance(key, tuple) else (key,)
+        for lo, hi in pairs:
+            a = g[g[axis] == lo].set_index("seed")[metric]
+            b = g[g[axis] == hi].set_index("seed")[metric]
+            seeds = sorted(set(a.index) & set(b.index))
+            if not seeds:
+                continue
+            r = st.paired(a[seeds].values, b[seeds].values)
+            rows.append(
+                {
+                    "family": family,
+                    axis: hi,
+                    **dict(zip(strata, key)),
+                    "a": _fmt_level(axis, lo),
+                    "b": _fmt_level(axis, hi),
+                    **r.as_dict(),
+                }
+            )
+    return rows
 
 
 def _pts(x: float) -> str:
