@@ -69,6 +69,27 @@ class Monitor:
                 b.close()
 
 
+def preflight(grid: Grid, cells) -> None:
+    """Refuse, before any cell starts, what would make every cell fail the same way."""
+    from scalemix.errors import DataError
+
+    for data, data_dir, download in {
+        (c.config.data, c.config.data_dir, c.config.download) for c in cells
+    }:
+        if data == "digits":
+            continue
+        if data_dir is None:
+            raise DataError(
+                f"grid {grid.name} trains on {data}: add --set data_dir=DIR "
+                f"(and --set download=true to fetch it there), or use --preset quick"
+            )
+        if not download and not Path(data_dir).expanduser().is_dir():
+            raise DataError(
+                f"grid {grid.name}: data_dir {data_dir} does not exist; "
+                "point --set data_dir= at the data, or add --set download=true"
+            )
+
+
 def ablate(
     grid: Grid,
     out: str | Path,
@@ -84,6 +105,7 @@ def ablate(
     """Run every unfinished cell of ``grid`` into ``out``; return the status counts."""
     gd = GridDir(out)
     cells = grid.cells()
+    preflight(grid, cells)
     gd.write_plan(grid, cells)
     ids = [c.id for c in cells]
     labels = {c.id: c.label for c in cells}

@@ -231,6 +231,7 @@ def load_data(
         raise DataError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
     if data_dir is None:
         raise DataError(f"--data {name} needs --data-dir DIR (add --download to fetch it there)")
+    data_dir = Path(data_dir).expanduser()
     if download:
         from scalemix.data.download import ensure_downloaded
 
