@@ -150,3 +150,17 @@ def test_augment_views_are_crops_of_the_padded_image():
 def test_augment_none_repeats_the_image():
     x = torch.randn(2, 3, 4, 4)
     assert torch.equal(augment(x, 3, None, "none")[:, 2], x)
+
+
+def test_crop_mode_translates_without_mirroring():
+    import torch.nn.functional as F
+
+    from scalemix.data.augment import augment
+
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)  # no symmetry
+    out = augment(x, 5, torch.Generator().manual_seed(0), "crop", pad=2)
+    padded = F.pad(x, (2, 2, 2, 2), mode="reflect")
+    for i in range(2):
+        for v in range(5):
+            crops = [padded[i, :, dy : dy + 8, dx : dx + 8] for dy in range(5) for dx in range(5)]
+            assert any(torch.equal(out[i, v], c) for c in crops)

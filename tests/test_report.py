@@ -36,9 +36,14 @@ paired = "scalenorm"
 """
 
 
-def make_grid_dir(tmp_path, effect: float, seeds: int = 8, fail_one: bool = False):
+def make_grid_dir(
+    tmp_path, effect: float, seeds: int = 8, fail_one: bool = False, single_axis: bool = False
+):
     p = tmp_path / "planted.toml"
-    p.write_text(GRID.format(effect=effect, seeds=list(range(seeds))))
+    text = GRID.format(effect=effect, seeds=list(range(seeds)))
+    if single_axis:  # one axis, no paired axis: each level against the first
+        text = text.replace("scalenorm = [false, true]\n", "").replace('paired = "scalenorm"\n', "")
+    p.write_text(text)
     grid = load_grid(str(p))
     cells = grid.cells()
     gd = GridDir(tmp_path / "grid")
@@ -47,7 +52,8 @@ def make_grid_dir(tmp_path, effect: float, seeds: int = 8, fail_one: bool = Fals
     seed_effect = rng.normal(0, 0.01, seeds)
     for i, c in enumerate(cells):
         d = gd.cell_dir(c.id)
-        acc = 0.80 + seed_effect[c.seed] + effect * c.axes["scalenorm"] + rng.normal(0, 0.004)
+        boost = c.axes["scalenorm"] if "scalenorm" in c.axes else c.axes["groups"] == 16
+        acc = 0.80 + seed_effect[c.seed] + effect * boost + rng.normal(0, 0.004)
         status = "failed" if fail_one and i == 0 else "done"
         write_json_atomic(
             d / "config.json",
@@ -77,7 +83,7 @@ def make_grid_dir(tmp_path, effect: float, seeds: int = 8, fail_one: bool = Fals
                 "error": "boom" if status == "failed" else None,
             },
         )
-        ratio = -1.0 + (0.5 if c.axes["scalenorm"] else 0.0)
+        ratio = -1.0 + (0.5 if boost else 0.0)
         rows = [
             {
                 "step": s,
@@ -179,3 +185,15 @@ def test_report_logs_its_tables_to_the_grid_group(tmp_path, monkeypatch):
     for table in ("report/cells", "report/comparisons"):  # wandb.Table: stored as nested keys
         assert any(k.startswith(table) for k in logged), (table, logged)
     assert any(str(v).startswith("Best mean accuracy") for v in run["summary"].values())
+
+
+def test_single_axis_grid_compares_each_level_with_the_first(tmp_path):
+    root = make_grid_dir(tmp_path, effect=0.02, seeds=6, single_axis=True)
+    runs, plan = collect(root)
+    an = analyse(runs, plan)
+    comp = an.comparisons.set_index("groups")
+    assert list(comp.index) == [4, 16] and set(comp.a) == {"groups=1"}
+    assert comp.loc[16, "p_holm"] < 0.05 and comp.loc[4, "p_holm"] > 0.05
+    assert an.omnibus.iloc[0].test == "Friedman" and an.omnibus.iloc[0].p_holm < 0.05
+    pdf = build_report(root, log=lambda *_: None)
+    assert len(re.findall(rb"/Type /Page\b", pdf.read_bytes())) >= 9

@@ -127,7 +127,21 @@ def ablate(
     if not no_report and c["done"]:
         from scalemix.report import build_report
 
-        pdf = build_report(out, log=log, wandb=tracking)
+        try:
+            pdf = build_report(out, log=log, wandb=tracking)
+        except ConfigError:
+            raise
+        except Exception as e:  # the grid's runs are safe; say so and keep the traceback
+            import traceback
+
+            err = Path(out) / "report" / "error.log"
+            err.parent.mkdir(parents=True, exist_ok=True)
+            err.write_text(traceback.format_exc())
+            log(
+                f"error: the grid finished but its report failed ({type(e).__name__}: {e}); "
+                f"traceback in {err}; retry with 'scalemix report {out}'"
+            )
+            return 1
         log(f"report: {pdf}")
     return 0 if c["pending"] == 0 and c["running"] == 0 else 1
 

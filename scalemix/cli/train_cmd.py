@@ -62,7 +62,7 @@ def train(
     ),
     aug: str = typer.Option(
         _DEF.aug,
-        help="Augmentation: none | crop-flip (reflect-pad 4 crop + flip, on the device).",
+        help="Augmentation: none | crop (reflect-pad 4 crop) | crop-flip (crop + horizontal flip); on the device.",
         rich_help_panel=DATA,
     ),
     aug_mult: int = typer.Option(

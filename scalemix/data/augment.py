@@ -1,4 +1,4 @@
-"""Batched augmentation on the device: reflect-pad crop and horizontal flip, K views.
+"""Batched augmentation on the device: reflect-pad crop (and horizontal flip), K views.
 
 ``augment(x, k, gen)`` takes a float batch (B, C, H, W) and returns (B, K, C, H, W): K
 independently augmented views of every example (augmentation multiplicity, De et al.
@@ -10,7 +10,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-AUGMENTATIONS = ("none", "crop-flip")
+AUGMENTATIONS = (
+    "none",
+    "crop",
+    "crop-flip",
+)  # crop: for data where a mirror changes the class (digits)
 
 
 def augment(
@@ -25,7 +29,9 @@ def augment(
     dev = x.device
     dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen, device=dev)
     dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen, device=dev)
-    flip = torch.rand(n, generator=gen, device=dev) < 0.5
+    flip = torch.rand(n, generator=gen, device=dev) < 0.5  # drawn in both modes: same crops
+    if mode == "crop":
+        flip = torch.zeros_like(flip)
     rows = dy[:, None] + torch.arange(h, device=dev)  # (n, h)
     cols = dx[:, None] + torch.arange(w, device=dev)  # (n, w)
     cols = torch.where(flip[:, None], cols.flip(1), cols)

@@ -197,10 +197,11 @@ def findings(an: Analysis) -> tuple[list[str], list[str]]:
             top = g.sort_values("mean_diff", ascending=False).iloc[0]
             where = _where(top, an, exclude=(an.paired_axis,) if an.paired_axis else ())
             b_label = top["b"]
-            text = (
-                f"{b_label} raised accuracy in {up} of {k} comparisons ({fam}); the largest gain, "
-                f"{_pts(top.mean_diff)} at {where}, "
-            )
+            if g.b.nunique() == 1:  # one treatment compared within strata
+                text = f"{b_label} raised accuracy in {up} of {k} comparisons ({fam}); "
+            else:  # each level against the baseline
+                text = f"Against {top['a']}, {up} of {k} levels raised accuracy; "
+            text += f"the largest gain, {_pts(top.mean_diff)} at {where}, "
             if top.p_holm < st.ALPHA:
                 text += f"holds after Holm correction (p = {top.p_holm:.3g})."
             else:

@@ -211,7 +211,7 @@ def _trajectory_page(pdf, an: Analysis, traj: pd.DataFrame) -> None:
     fig, axs = plt.subplots(len(blocks), 1, figsize=A4, squeeze=False)
     group_axes = [a for a in an.axes]
     cmap = plt.get_cmap("viridis")
-    keys = list(traj.groupby(group_axes, sort=False).groups)
+    keys = list(dict.fromkeys(traj[group_axes].itertuples(index=False, name=None)))
     for ax, block in zip(axs[:, 0], blocks):
         tb = traj[traj.block == block]
         for key, g in tb.groupby(group_axes, sort=False):
