@@ -197,3 +197,27 @@ def test_single_axis_grid_compares_each_level_with_the_first(tmp_path):
     assert an.omnibus.iloc[0].test == "Friedman" and an.omnibus.iloc[0].p_holm < 0.05
     pdf = build_report(root, log=lambda *_: None)
     assert len(re.findall(rb"/Type /Page\b", pdf.read_bytes())) >= 9
+
+
+def test_an_epsilon_axis_is_not_confused_with_the_epsilon_spent(tmp_path):
+    p = tmp_path / "eps.toml"
+    p.write_text(
+        GRID.format(effect=0, seeds=[0, 1])
+        .replace("groups = [1, 4, 16]\nscalenorm = [false, true]", "epsilon = [1.0, 8.0]")
+        .replace('primary = "groups"\npaired = "scalenorm"', 'primary = "epsilon"')
+        .replace("sigma = 1.0\n", "")
+    )
+    grid = load_grid(str(p))
+    gd = GridDir(tmp_path / "grid")
+    gd.write_plan(grid, grid.cells())
+    for c in grid.cells():
+        spent = c.axes["epsilon"] * 0.999
+        write_json_atomic(
+            gd.cell_dir(c.id) / "result.json",
+            {"status": "done", "test_acc": 0.5 + spent / 100, "epsilon": spent},
+        )
+    runs, plan = collect(gd.root)
+    assert sorted(set(runs.epsilon)) == [1.0, 8.0]
+    assert (runs.epsilon_spent == runs.epsilon * 0.999).all()
+    an = analyse(runs, plan)
+    assert list(an.comparisons.epsilon) == [8.0]

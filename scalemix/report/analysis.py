@@ -254,7 +254,7 @@ def privacy_settings(runs: pd.DataFrame) -> dict:
     done = runs[runs.status == "done"]
     out = {}
     for k in (
-        "epsilon",
+        "epsilon_spent",
         "delta",
         "accountant",
         "sampler",

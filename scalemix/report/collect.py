@@ -1,7 +1,8 @@
 """Load every cell of a grid directory into one pandas DataFrame.
 
 One row per planned cell: its id, status, axes (one column per axis), seed, the privacy
-settings and results from ``result.json``, and summaries of its diagnostics: per block,
+settings and results from ``result.json`` (the epsilon a run spent is ``epsilon_spent``,
+so that it never collides with an ``epsilon`` axis holding the target), and summaries of its diagnostics: per block,
 the final log2 scale ratio and its mean over training (``final_log2_ratio:<block>``,
 ``mean_log2_ratio:<block>``), their means over blocks, and the final clip fraction and
 gradient SNR. ``trajectories`` returns the scale-ratio rows of every cell for plots.
@@ -74,8 +75,9 @@ def collect(grid_dir) -> tuple[pd.DataFrame, dict]:
         d = gd.cell_dir(cid)
         res = read_json(d / "result.json") or {}
         row = {"id": cid, "status": gd.status(cid), "seed": c["seed"]}
-        row.update({a: c["axes"].get(a) for a in axes})
         row.update({k: res.get(k) for k in RESULT_KEYS})
+        row["epsilon_spent"] = row.pop("epsilon")  # never confused with an epsilon axis
+        row.update({a: c["axes"].get(a) for a in axes})  # axis labels win over result fields
         cfg = (read_json(d / "config.json") or {}).get("resolved", {})
         row["model_axes"] = cfg.get("model_axes")
         row["image_shape"] = (cfg.get("data") or {}).get("shape")
