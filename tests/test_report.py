@@ -14,7 +14,7 @@ import pytest
 
 from scalemix.ablate import GridDir, load_grid
 from scalemix.report import build_report
-from scalemix.report.analysis import analyse
+from scalemix.report.analysis import analyse, privacy_settings
 from scalemix.report.collect import collect
 from scalemix.train.rundir import write_json_atomic
 
@@ -112,6 +112,8 @@ def test_planted_effect_is_found_and_null_axis_is_not(tmp_path):
     assert "raised accuracy in 3 of 3" in text and "holds after Holm correction" in text
     assert "shows no detectable difference" in text
     assert not any("Too few seeds" in w for w in an.warnings)
+    priv = privacy_settings(runs)  # small values keep their significant digits
+    assert priv["delta"] == 1e-5 and priv["epsilon_spent"] == 7.99 and priv["accountant"] == "prv"
     # ScaleNorm raises both the scale ratio and accuracy: a positive association
     corr = an.correlations.set_index("summary")
     assert corr.loc["final_log2_ratio", "rho"] > 0.5

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-import numpy as np
 import pandas as pd
 
 from scalemix.report import stats as st
@@ -264,8 +263,6 @@ def privacy_settings(runs: pd.DataFrame) -> dict:
         "expected_batch_size",
     ):
         vals = [v for v in done[k].tolist() if v is not None and not _isnan(v)] if k in done else []
-        uniq = sorted(
-            set(np.round(vals, 4).tolist() if vals and isinstance(vals[0], float) else vals)
-        )
+        uniq = sorted({float(f"{v:.5g}") if isinstance(v, float) else v for v in vals})
         out[k] = uniq[0] if len(uniq) == 1 else uniq
     return out
