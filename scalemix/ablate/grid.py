@@ -187,6 +187,7 @@ class Grid:
             "path": str(self.path),
             "description": self.description,
             "preset": self.preset,
+            "base": {**self.base, **self.sets},  # what every cell shares (preset, --set applied)
             "axes": {k: list(v) for k, v in self.axes.items()},
             "seeds": self.seeds,
             "report": self.report,

@@ -65,6 +65,10 @@ def _title_page(pdf, an: Analysis, plan: dict, version: str) -> None:
         f"Grid: {an.grid}" + (f" (preset {an.preset})" if an.preset else ""),
         " ".join(plan["grid"].get("description", "").split()),
         f"Made: {time.strftime('%Y-%m-%d %H:%M')}   scalemix {version}",
+        "Shared by every cell"
+        + (f" (preset {an.preset} applied)" if an.preset else "")
+        + ": "
+        + (", ".join(f"{k} = {v}" for k, v in plan["grid"].get("base", {}).items()) or "-"),
         "Axes: "
         + "; ".join(f"{a} = {plan['grid']['axes'][a]}" for a in an.axes)
         + f"; seeds = {plan['grid']['seeds']}",
