@@ -45,10 +45,10 @@ def _payloads(data: bytes):
 
 
 def read_offline_run(path: str | Path) -> dict:
-    """{'run': {...}, 'config': {...}, 'history': [{...}], 'summary': {...}} of one run file."""
+    """{'run', 'config', 'history', 'summary', 'exited'} of one run file (exited: complete)."""
     from wandb.proto import wandb_internal_pb2 as pb
 
-    out: dict = {"run": {}, "config": {}, "history": [], "summary": {}}
+    out: dict = {"run": {}, "config": {}, "history": [], "summary": {}, "exited": False}
     for payload in _payloads(Path(path).read_bytes()):
         rec = pb.Record()
         rec.ParseFromString(payload)
@@ -77,6 +77,8 @@ def read_offline_run(path: str | Path) -> dict:
                     for i in rec.history.item
                 }
             )
+        elif kind == "exit":  # written last, when the run is finished and flushed
+            out["exited"] = True
         elif kind == "summary":
             for item in rec.summary.update:
                 out["summary"][item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
@@ -86,3 +88,24 @@ def read_offline_run(path: str | Path) -> dict:
 def find_run_files(root: str | Path) -> list[Path]:
     """Every offline run file under ``root`` (e.g. a run directory's ``wandb/``)."""
     return sorted(Path(root).rglob("run-*.wandb"))
+
+
+def wait_until_complete(root: str | Path, timeout: float = 60.0) -> bool:
+    """Wait until the offline run file under ``root`` holds its exit record.
+
+    ``wandb.finish()`` can return while W&B's service process is still writing the file;
+    anything that reads or syncs it right away must wait for this.
+    """
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        files = find_run_files(root)
+        try:
+            if files and all(read_offline_run(f)["exited"] for f in files):
+                return True
+        except (ValueError, OSError):
+            pass  # mid-write
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)

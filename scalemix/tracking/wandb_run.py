@@ -119,4 +119,10 @@ class WandbRun:
         """Close the run; the ``wandb sync`` command when it was written offline."""
         path = Path(self.run.dir).parent
         self.run.finish(exit_code=exit_code)
-        return f"wandb sync {path}" if self.mode == "offline" else None
+        if self.mode != "offline":
+            return None
+        from scalemix.tracking.wandb_file import wait_until_complete
+
+        if not wait_until_complete(path):
+            raise RuntimeError(f"W&B did not finish writing {path} within 60 s")
+        return f"wandb sync {path}"
