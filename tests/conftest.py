@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
 import torch
 
@@ -9,6 +12,12 @@ from scalemix.data.datasets import load_digits
 from scalemix.train import TrainConfig
 
 torch.set_num_threads(2)
+
+# Seeded runs key their sampler and noise with a secret seed key kept outside every run
+# directory; the tests use one of their own (subprocesses inherit it), never the user's.
+os.environ["SCALEMIX_SEED_KEY"] = os.path.join(
+    tempfile.mkdtemp(prefix="scalemix-test-key-"), "seed-key"
+)
 
 
 @pytest.fixture(scope="session")
@@ -31,4 +40,5 @@ def tiny_cfg(tmp_path):
         ema=0.9,
         epsilon=None,
         sigma=1.0,
+        noise="seeded",  # reproducible: resume and replay tests compare runs bit for bit
     )

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from typer.testing import CliRunner
@@ -99,8 +100,13 @@ def test_cell_hash_is_of_the_resolved_configuration():
 
 
 def test_grid_runs_isolates_failures_and_never_reruns(tmp_path):
-    # instance norm on 8 px input fails inside the model (1 pixel per channel at res2)
-    grid = load_grid(str(_grid(tmp_path, 'norm = ["group", "instance"]')), sets={"groups": 8})
+    # the "bad" cell fails when its trainer starts: its public images have the wrong shape
+    np.save(tmp_path / "wrong-shape.npy", np.zeros((16, 3, 8, 8), dtype=np.uint8))
+    axes = (
+        '[axes.norm]\ngroup = { norm = "group" }\n'
+        f'instance = {{ norm = "public_batch", public_size = 8, public_source = "{tmp_path / "wrong-shape.npy"}" }}'
+    )
+    grid = load_grid(str(_grid(tmp_path, axes)), sets={"groups": 8})
     out = tmp_path / "grid"
     counts = ablate(grid, out, workers=2, log=lambda *_: None)
     assert counts["done"] == 1 and counts["failed"] == 1

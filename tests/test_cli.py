@@ -146,7 +146,7 @@ def test_train_end_to_end(tmp_path):
         assert key in result, key
     assert result["status"] == "done" and result["accountant"] == "prv"
     assert 0 < result["epsilon"] <= 4.0
-    assert "seeded" in result["noise"]
+    assert "secure" in result["noise"] and "never written" in result["epsilon_assumes"]
     config = json.loads((out / "config.json").read_text())
     assert config["resolved"]["sigma"] == result["sigma"]
     assert config["resolved"]["sample_rate"] == pytest.approx(64 / config["resolved"]["train_size"])

@@ -8,7 +8,7 @@ import torch
 
 from scalemix.engine import GhostEngine, VmapEngine
 from scalemix.models import create_model, has_public_bn, refresh_public_stats
-from scalemix.privacy import NoiseSource
+from scalemix.privacy import NoiseSource, SecretStream
 from scalemix.privacy.mechanism import noisy_mean
 from tests.test_per_example_grads import CASES, _ids
 
@@ -31,7 +31,7 @@ def test_fast_engine_matches_reference(variant, k):
     assert torch.allclose(fast.layer_norms_sq, ref.layer_norms_sq, rtol=1e-9, atol=1e-20)
     updates = []
     for r in (ref, fast):
-        noise = NoiseSource("seeded", 3, torch.device("cpu"))
+        noise = NoiseSource(SecretStream(bytes(32), "noise"))  # the same draw for both
         grads = [g.clone() for g in r.grads]
         updates.append(noisy_mean(grads, sigma=0.7, clip=clip, expected_batch_size=4, noise=noise))
     for a, b in zip(*updates):
@@ -80,3 +80,62 @@ def test_fast_engine_chunking_and_biases(monkeypatch, chunk_floats):
     assert torch.allclose(fast.norms, ref.norms, rtol=1e-10)
     for a, b in zip(ref.grads, fast.grads):
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-14)
+
+
+class _EveryLayer(torch.nn.Module):
+    """One of every layer type the fast engine accepts, biases on and off, WS both modes."""
+
+    def __init__(self):
+        super().__init__()
+        from scalemix.models.layers import PublicBatchNorm, WSConv2d
+
+        nn = torch.nn
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 4, 3, padding=1, bias=True),
+            nn.GroupNorm(2, 4),
+            nn.ReLU(),
+            WSConv2d(4, 4, 3, padding=1, bias=True, mode="scaled"),
+            PublicBatchNorm(4),
+            nn.ReLU(),
+            WSConv2d(4, 6, 3, padding=1, bias=False, mode="scaled"),
+            nn.GroupNorm(3, 6),
+            WSConv2d(6, 6, 3, padding=1, bias=True, mode="plain"),
+            nn.Conv2d(6, 6, 3, padding=1, bias=False),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(2),
+            nn.Flatten(),
+            nn.Linear(24, 8, bias=True),
+            nn.ReLU(),
+            nn.Linear(8, 5, bias=False),
+        )
+
+    def forward(self, x):
+        return self.body(x)
+
+
+@pytest.mark.parametrize("mode", ["auto", "ghost", "explicit"])
+@pytest.mark.parametrize("k", [1, 2])
+def test_every_parameter_tensor_matches_reference(mode, k):
+    """Per tensor, not only the norm: each parameter's clipped sum equals the reference's
+    (a swapped gain/bias pair keeps every norm right and fails here)."""
+    torch.manual_seed(1)
+    model = _EveryLayer().double()
+    with torch.no_grad():  # gains and biases away from their initial 1 / 0, so a swap shows
+        for name, p in model.named_parameters():
+            if not name.endswith("weight") or p.dim() == 1:
+                p.add_(0.3 * torch.randn_like(p))
+    refresh_public_stats(model, torch.randn(16, 3, 8, 8, dtype=torch.float64))
+    x = torch.randn(5, k, 3, 8, 8, dtype=torch.float64)
+    y = torch.randint(0, 5, (5,))
+    clip = float(VmapEngine(model, clip=None)(x, y).norms.median())
+    ref = VmapEngine(model, clip=clip)(x, y)
+    engine = GhostEngine(model, clip=clip)
+    if mode != "auto":
+        for layer in engine.layers:
+            if layer.kind in ("conv", "linear"):
+                layer.mode = mode
+    fast = engine(x, y)
+    names = [n for n, _ in model.named_parameters()]
+    for name, a, b in zip(names, fast.grads, ref.grads):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-13), name
+    assert torch.allclose(fast.layer_norms_sq, ref.layer_norms_sq, rtol=1e-9, atol=1e-20)

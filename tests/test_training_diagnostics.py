@@ -30,11 +30,9 @@ def _first_step(cfg, data):
     """Run one step; return the rows and what is needed to recompute them independently."""
     tr = _trainer(cfg, data)
     model0 = copy.deepcopy(tr.model)
-    sampler_state = copy.deepcopy(tr.sampler.state_dict())
+    replay = PoissonSampler(tr.n, tr.q, copy.deepcopy(tr.rng.sampler))  # same key and counter
     with tr.diag:
         tr.train_step()
-    replay = PoissonSampler(tr.n, tr.q, cfg.seed)
-    replay.load_state_dict(sampler_state)
     idx = replay.next()
     x = normalize(tr.train_x[idx], tr.mean, tr.std)
     return tr, model0, x, tr.train_y[idx], pd.DataFrame(tr.last_diag)

@@ -30,6 +30,9 @@ A grid file (``ablations/NAME.toml``)::
     [presets.quick.base]
     data = "digits"
 
+Cells use ``noise = "seeded"`` unless the grid says otherwise (the cells of one seed then
+share batches and noise: common random numbers that sharpen paired comparisons).
+
 A cell is named by the SHA-256 of its fully resolved configuration (model axes filled
 in from the architecture's defaults; ``out`` and ``threads``, which do not change what
 is computed, left out), so the same experiment gets the same name in every grid.
@@ -240,7 +243,9 @@ def load_grid(name_or_path: str, preset: str | None = None, sets: dict | None = 
     if unknown:
         raise ConfigError(f"grid file {path}: unknown keys {', '.join(sorted(unknown))}")
     presets = raw.get("presets", {})
-    base = dict(raw.get("base", {}))
+    # Seeded noise inside grids: the cells of one seed share batches and noise (common random
+    # numbers for paired comparisons); its epsilon assumes the seed key stays secret.
+    base = {"noise": "seeded", **raw.get("base", {})}
     axes = copy.deepcopy(raw.get("axes", {}))
     seeds = list(raw.get("seeds", [0]))
     if preset is not None:

@@ -7,6 +7,9 @@ Engines (each a complete step: gradients, clipping, noise, optimiser step):
 - ``vmap``         scalemix's torch.func reference engine;
 - ``scalemix``     scalemix's fast engine (book-keeping clipping with mixed ghost norms).
 
+scalemix's engines add the secure noise of a real run (ChaCha20 keystream + Box--Muller,
+``privacy/randomness.py``); ``noise`` in the result times it alone against torch.randn.
+
 Timing: every engine in this process, interleaved round-robin over the repeats so that
 drifts in machine speed hit all engines alike; warm-up steps are excluded; the median is
 reported, with the ratio to the non-private median of the same run.
@@ -51,8 +54,10 @@ def _setup(model_name: str, batch: int, device: torch.device, seed: int = 0, res
 
 def make_step(engine: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
     """A closure that runs one complete training step of ``engine``."""
+    import os
+
     from scalemix.engine import make_engine
-    from scalemix.privacy import NoiseSource
+    from scalemix.privacy import NoiseSource, SecretStream
     from scalemix.privacy.mechanism import noisy_mean
 
     model = copy.deepcopy(model)
@@ -69,7 +74,7 @@ def make_step(engine: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
     if engine in ("vmap", "scalemix"):
         e = make_engine(engine, model, CLIP)
         opt = torch.optim.SGD(e.params, lr=LR)
-        noise = NoiseSource("seeded", 0, x.device)
+        noise = NoiseSource(SecretStream(os.urandom(32), "noise"))  # as in a secure run
         xk = x.unsqueeze(1)
 
         def step():
@@ -205,6 +210,40 @@ def _child(engine: str, model_name: str, batch: int) -> None:
     print(json.dumps({"peak_mb": (peak - base) / 1024}))
 
 
+def time_noise(model_name: str, device: torch.device, repeats: int = 10) -> dict[str, float]:
+    """Per-step cost of the noise for every parameter of the model: torch's generator (a
+    32-bit-seeded Mersenne Twister on the CPU: what scalemix used before) against the
+    secure ChaCha20 + Box--Muller noise of every scalemix run; medians in ms."""
+    import os
+
+    from scalemix.models import create_model
+    from scalemix.privacy import NoiseSource, SecretStream
+
+    params = [torch.zeros_like(p) for p in create_model(model_name).to(device).parameters()]
+    noise = NoiseSource(SecretStream(os.urandom(32), "noise"))
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def plain():
+        for t in params:
+            t.add_(torch.randn(t.shape, generator=gen, device=device), alpha=SIGMA * CLIP)
+
+    def secure():
+        noise.add_(params, SIGMA * CLIP)
+
+    out = {"numel": sum(t.numel() for t in params)}
+    for name, fn in (("torch_randn_ms", plain), ("secure_chacha20_ms", secure)):
+        fn()
+        ts = []
+        for _ in range(repeats):
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            ts.append((time.perf_counter() - t0) * 1000)
+        out[name] = statistics.median(ts)
+    return out
+
+
 def run_bench(
     engines: list[str],
     model_name: str,
@@ -239,6 +278,7 @@ def run_bench(
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "engines": {},
+        "noise": time_noise(model_name, device, repeats),
     }
     for e in engines:
         med = statistics.median(times[e])

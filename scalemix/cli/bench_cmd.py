@@ -56,6 +56,12 @@ def dp_step(
         peak = "-" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"
         mr = "-" if r["memory_ratio"] is None else f"{r['memory_ratio']:.2f}"
         typer.echo(f"{name:<14}{r['median_ms']:>11.1f}{r['ratio']:>8.2f}{peak:>10}{mr:>11}")
+    nz = res["noise"]
+    share = nz["secure_chacha20_ms"] / res["engines"].get("scalemix", r)["median_ms"]
+    typer.echo(
+        f"noise for {nz['numel']:,} parameters: secure (ChaCha20) {nz['secure_chacha20_ms']:.1f} ms, "
+        f"torch.randn {nz['torch_randn_ms']:.1f} ms per step ({share:.1%} of the scalemix step)"
+    )
 
 
 @app.command("train")

@@ -72,7 +72,14 @@ def train(
     ),
     public_size: int = typer.Option(
         _DEF.public_size,
-        help="Training examples held out as the public batch (for --norm public_batch).",
+        help="Public examples for --norm public_batch statistics (NOT protected by DP; "
+        "recorded in result.json).",
+        rich_help_panel=DATA,
+    ),
+    public_source: str = typer.Option(
+        _DEF.public_source,
+        help="Where the public examples come from: split (held out of the training split) or "
+        "a .npy/.pt file of uint8 images N x C x H x W from outside the private data.",
         rich_help_panel=DATA,
     ),
     non_private: bool = typer.Option(
@@ -107,7 +114,10 @@ def train(
     ),
     noise: str = typer.Option(
         _DEF.noise,
-        help="seeded (reproducible, labelled as such) | secure (OS entropy).",
+        help="secure (default: batches and noise from a 256-bit OS-CSPRNG key that is never "
+        "written) | seeded (reproducible: keyed by --seed and a secret seed key kept outside "
+        "the run, $SCALEMIX_SEED_KEY or ~/.config/scalemix/seed-key; epsilon assumes that key "
+        "stays secret).",
         rich_help_panel=PRIVACY,
     ),
     engine: str = typer.Option(
@@ -171,7 +181,8 @@ def train(
     wandb_group: Optional[str] = typer.Option(None, help="W&B group.", rich_help_panel=TRACK),
     seed: int = typer.Option(
         _DEF.seed,
-        help="Seed for init, sampling, augmentation and (seeded mode) noise.",
+        help="Public seed of model init and augmentation; in --noise seeded mode it also keys "
+        "(with the secret seed key) the batches and noise.",
         rich_help_panel=RUN,
     ),
     device: str = typer.Option(
@@ -188,6 +199,13 @@ def train(
         False,
         "--resume",
         help="Continue the run in --out from its last checkpoint.",
+        rich_help_panel=RUN,
+    ),
+    resume_diverged: bool = typer.Option(
+        False,
+        "--resume-diverged",
+        help="Resume a run that diverged: fresh randomness, and the steps the diverged attempt "
+        "released are added to epsilon.",
         rich_help_panel=RUN,
     ),
     checkpoint_every: int = typer.Option(
@@ -208,7 +226,7 @@ def train(
     reported accuracy is the final step's, never the best epoch's.
     """
     values = dict(ctx.params)
-    for k in ("resume", "quiet", "no_ema", *TRACKING_FLAGS):
+    for k in ("resume", "resume_diverged", "quiet", "no_ema", *TRACKING_FLAGS):
         values.pop(k)
     if no_ema:
         values["ema"] = None
@@ -220,6 +238,7 @@ def train(
         values["epsilon"] = None
     cfg = TrainConfig(**values).validate()
 
+    resume = resume or resume_diverged
     if resume:
         saved = RunDir(out).read_config()
         if saved is None:
@@ -232,7 +251,7 @@ def train(
             for p in ctx.command.params
             if ctx.get_parameter_source(p.name) == ParameterSource.COMMANDLINE
         }
-        given -= {"resume", "quiet", "out", *TRACKING_FLAGS}
+        given -= {"resume", "resume_diverged", "quiet", "out", *TRACKING_FLAGS}
         if no_ema:
             given.add("ema")
         mine, theirs = cfg.as_dict(), stored.as_dict()
@@ -253,8 +272,17 @@ def train(
         tracking = WandbSettings(
             project=wandb_project, entity=wandb_entity, group=wandb_group, job_type="train"
         )
-    result = run_training(cfg, resume=resume, progress=not quiet, log=log, wandb=tracking)
+    result = run_training(
+        cfg,
+        resume=resume,
+        resume_diverged=resume_diverged,
+        progress=not quiet,
+        log=log,
+        wandb=tracking,
+    )
     typer.echo(json.dumps({k: result[k] for k in _SHOWN if k in result}))
+    if result.get("epsilon_assumes") and not quiet:
+        log(f"note: {result['epsilon_assumes']}")
     if result["status"] != "done":
         typer.echo(
             f"run {result['status']}: {result.get('error')} (see {out}/result.json)", err=True
@@ -269,8 +297,11 @@ _SHOWN = (
     "test_acc_ema",
     "epsilon",
     "delta",
+    "noise",
+    "epsilon_assumes",
     "sigma",
     "steps",
+    "abandoned_steps",
     "images_per_second",
     "train_seconds",
 )

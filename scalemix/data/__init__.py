@@ -1,6 +1,14 @@
 """Data: in-memory image sets, downloads, and batched on-device augmentation."""
 
 from scalemix.data.augment import AUGMENTATIONS, augment
-from scalemix.data.datasets import DATASETS, ImageData, load_data, normalize
+from scalemix.data.datasets import DATASETS, ImageData, load_data, load_public_images, normalize
 
-__all__ = ["AUGMENTATIONS", "DATASETS", "ImageData", "augment", "load_data", "normalize"]
+__all__ = [
+    "AUGMENTATIONS",
+    "DATASETS",
+    "ImageData",
+    "augment",
+    "load_data",
+    "load_public_images",
+    "normalize",
+]

@@ -9,7 +9,8 @@
   the fast.ai imagenette2 layout), resized (shorter side) and centre-cropped to ``size``.
 
 Images stay uint8 until a batch is taken; ``normalize`` turns a batch into float on the
-device. Nothing here downloads unless asked (``download.py``).
+device, with per-channel constants fixed in code (published values for CIFAR-10 and
+ImageNet, [-1, 1] for digits): no statistic of the private training images is computed. Nothing here downloads unless asked (``download.py``).
 """
 
 from __future__ import annotations
@@ -70,12 +71,12 @@ def normalize(x_uint8: torch.Tensor, mean, std) -> torch.Tensor:
     return (x - m) / s
 
 
-def _channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    xf = x.float() / 255.0
-    return tuple(xf.mean(dim=(0, 2, 3)).tolist()), tuple(xf.std(dim=(0, 2, 3)).tolist())
-
-
 # --------------------------------------------------------------------------- digits
+
+# Normalisation constants are fixed in code, never computed from the (private) training
+# images: preprocessing must not read private data (DESIGN.md). [0, 1] -> [-1, 1].
+DIGITS_MEAN = (0.5,)
+DIGITS_STD = (0.5,)
 
 
 def load_digits(size: int = 16, test_fraction: float = 0.2) -> ImageData:
@@ -100,8 +101,9 @@ def load_digits(size: int = 16, test_fraction: float = 0.2) -> ImageData:
     test_mask = torch.zeros(len(y), dtype=torch.bool)
     test_mask[torch.cat(test_idx)] = True
     tr_x, tr_y, te_x, te_y = x[~test_mask], y[~test_mask], x[test_mask], y[test_mask]
-    mean, std = _channel_stats(tr_x)
-    return ImageData("digits", tr_x, tr_y, te_x, te_y, 10, mean, std, source="sklearn.datasets")
+    return ImageData(
+        "digits", tr_x, tr_y, te_x, te_y, 10, DIGITS_MEAN, DIGITS_STD, source="sklearn.datasets"
+    )
 
 
 # --------------------------------------------------------------------------- CIFAR-10
@@ -215,6 +217,35 @@ def load_imagenette(data_dir: str | Path, size: int = 160) -> ImageData:
         IMAGENET_STD,
         source=str(root),
     )
+
+
+def load_public_images(path: str | Path, count: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """``count`` public images (uint8, N x C x H x W) from a ``.npy`` or ``.pt`` file.
+
+    For ``--public-source FILE``: images from outside the private training set (another
+    data set, a licensed public collection) whose statistics public-data BatchNorm may
+    use without spending privacy. They must have the training images' shape.
+    """
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise DataError(
+            f"--public-source {str(p)!r} is not a file; give a .npy or .pt file of uint8 images "
+            "shaped N x C x H x W, or 'split' to hold examples out of the training split"
+        )
+    try:
+        x = torch.from_numpy(np.load(p)) if p.suffix == ".npy" else torch.load(p, weights_only=True)
+    except Exception as e:
+        raise DataError(f"cannot read public images from {p}: {e}") from None
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.uint8 or x.dim() != 4:
+        raise DataError(f"{p} must hold one uint8 array shaped N x C x H x W")
+    if tuple(x.shape[1:]) != tuple(shape):
+        raise DataError(
+            f"public images in {p} are {tuple(x.shape[1:])}, the training images {tuple(shape)}; "
+            "resize them to match"
+        )
+    if len(x) < count:
+        raise DataError(f"{p} holds {len(x)} images; --public-size asks for {count}")
+    return x[:count]
 
 
 def load_data(

@@ -70,6 +70,16 @@ def _kind(m: nn.Module) -> str:
     return kind
 
 
+def _part_order(m: nn.Module, kind: str) -> list[nn.Parameter]:
+    """The parameters in the order the per-layer rules return their gradients: the
+    standardised weight's inputs first (weight, and gain for scaled WS), then the bias.
+    Matched to the model's parameters by identity, never by registration order."""
+    if kind in ("gn", "pbn"):
+        return [m.weight, m.bias]
+    first = list(m.ws_params()) if kind == "wsconv" else [m.weight]
+    return first + ([m.bias] if getattr(m, "bias", None) is not None else [])
+
+
 CHUNK_FLOATS = 2**23  # bound on one chunk's unfolded activations (32 MB in float32)
 
 
@@ -83,7 +93,14 @@ class GhostEngine(Engine):
         for m in model.modules():
             own = [p for p in m.parameters(recurse=False) if p.requires_grad]
             if own:
-                self.layers.append(_Layer(m, _kind(m), [index[id(p)] for p in own]))
+                kind = _kind(m)
+                order = _part_order(m, kind)
+                if {id(p) for p in order} != {id(p) for p in own}:
+                    raise ConfigError(
+                        f"engine 'scalemix' cannot attribute the parameters of {type(m).__name__} "
+                        "(frozen or extra parameters); use --engine vmap"
+                    )
+                self.layers.append(_Layer(m, kind, [index[id(p)] for p in order]))
         covered = sorted(i for layer in self.layers for i in layer.param_idx)
         if covered != list(range(len(self.params))):  # pragma: no cover - defensive
             raise ConfigError("engine 'scalemix' could not attribute every parameter to a layer")

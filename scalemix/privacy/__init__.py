@@ -1,13 +1,8 @@
-"""Privacy: accountants, sigma calibration, samplers and the noise source."""
+"""Privacy: accountants, sigma calibration, the randomness model, samplers and noise."""
 
 from scalemix.privacy.accounting import ACCOUNTANTS, Ledger, check_sampler, epsilon_for, sigma_for
-from scalemix.privacy.sampling import (
-    NOISE_MODES,
-    SAMPLERS,
-    NoiseSource,
-    PoissonSampler,
-    ShuffleSampler,
-)
+from scalemix.privacy.randomness import NOISE_MODES, RunRandomness, SecretStream
+from scalemix.privacy.sampling import SAMPLERS, NoiseSource, PoissonSampler, ShuffleSampler
 
 __all__ = [
     "ACCOUNTANTS",
@@ -16,6 +11,8 @@ __all__ = [
     "Ledger",
     "NoiseSource",
     "PoissonSampler",
+    "RunRandomness",
+    "SecretStream",
     "ShuffleSampler",
     "check_sampler",
     "epsilon_for",

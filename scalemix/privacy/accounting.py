@@ -153,12 +153,12 @@ class Ledger:
         self.accountant = accountant
         self.history: list[tuple[float, float, int]] = []
 
-    def step(self, sigma: float, sample_rate: float) -> None:
+    def step(self, sigma: float, sample_rate: float, count: int = 1) -> None:
         if self.history and self.history[-1][:2] == (sigma, sample_rate):
             s, q, n = self.history[-1]
-            self.history[-1] = (s, q, n + 1)
+            self.history[-1] = (s, q, n + count)
         else:
-            self.history.append((sigma, sample_rate, 1))
+            self.history.append((sigma, sample_rate, count))
 
     @property
     def steps(self) -> int:

@@ -4,7 +4,8 @@
 
 ``B_expected`` is the expected batch size (q N), a public constant: dividing by the
 realised batch size would leak it (DESIGN.md sharp edge 2). With ``sigma = 0`` and no
-clipping this is the ordinary mean gradient of a batch of the expected size.
+clipping this is the ordinary mean gradient of a batch of the expected size. The noise
+is added in the precision of the summed gradients (float32 or float64), never lower.
 """
 
 from __future__ import annotations
@@ -26,9 +27,7 @@ def noisy_mean(
     if sigma > 0:
         if noise is None or clip is None:
             raise ValueError("noise needs a noise source and a clip norm")
-        std = sigma * clip
-        for g in grad_sums:
-            g.add_(noise.gaussian_like(g, std))
+        noise.add_(grad_sums, sigma * clip)
     scale = 1.0 / expected_batch_size
     for g in grad_sums:
         g.mul_(scale)

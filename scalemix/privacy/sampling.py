@@ -1,54 +1,51 @@
-"""Batch samplers and the noise source, each with a state that a checkpoint restores.
+"""Batch samplers and the noise source, each driven by a stream of ``RunRandomness``.
 
 - ``PoissonSampler``: every example joins a step's batch independently with probability
   ``q`` (realised batch sizes vary; empty batches happen). The only sampler allowed
-  under DP, because it is what the accountants analyse.
+  under DP, because it is what the accountants analyse. Its uniforms come from the
+  secret ``sampler`` stream (one draw per step, one uniform per example).
 - ``ShuffleSampler``: fixed-size batches from a reshuffled permutation, for non-private
-  baselines only.
-- ``NoiseSource``: Gaussian noise, either ``seeded`` (reproducible research; every output
-  says so) or ``secure`` (a fresh seed from the OS entropy pool, ``os.urandom``, for every
-  draw; not reproducible; floating-point side channels as in Mironov 2012 are not
-  mitigated).
+  baselines only (a torch generator from the public seed).
+- ``NoiseSource``: Gaussian noise from the secret ``noise`` stream, one draw per step for
+  all parameters together.
+
+The modes and who holds which key: ``scalemix/privacy/randomness.py``.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from scalemix.privacy.randomness import NOISE_MODES, SecretStream
+
 SAMPLERS = ("poisson", "shuffle")
-NOISE_MODES = ("seeded", "secure")
 
-
-def _entropy_seed() -> int:
-    return int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1)
+__all__ = ["NOISE_MODES", "SAMPLERS", "NoiseSource", "PoissonSampler", "ShuffleSampler"]
 
 
 class PoissonSampler:
     kind = "poisson"
 
-    def __init__(self, n: int, sample_rate: float, seed: int | None):
-        self.n, self.q = n, sample_rate
-        self.gen = torch.Generator().manual_seed(_entropy_seed() if seed is None else seed)
+    def __init__(self, n: int, sample_rate: float, stream: SecretStream):
+        self.n, self.q, self.stream = n, sample_rate, stream
 
     def next(self) -> torch.Tensor:
-        mask = torch.rand(self.n, generator=self.gen) < self.q
+        mask = self.stream.uniform(self.n) < self.q
         return torch.nonzero(mask).flatten()
 
     def state_dict(self) -> dict:
-        return {"gen": self.gen.get_state()}
+        return self.stream.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        self.gen.set_state(state["gen"])
+        self.stream.load_state_dict(state)
 
 
 class ShuffleSampler:
     kind = "shuffle"
 
-    def __init__(self, n: int, batch_size: int, seed: int | None):
+    def __init__(self, n: int, batch_size: int, seed: int):
         self.n, self.b = n, batch_size
-        self.gen = torch.Generator().manual_seed(_entropy_seed() if seed is None else seed)
+        self.gen = torch.Generator().manual_seed(seed)
         self.perm = torch.randperm(n, generator=self.gen)
         self.pos = 0
 
@@ -68,32 +65,23 @@ class ShuffleSampler:
 
 
 class NoiseSource:
-    def __init__(self, mode: str, seed: int | None, device: torch.device):
-        if mode not in NOISE_MODES:
-            raise ValueError(f"noise mode must be one of {NOISE_MODES}, got {mode!r}")
-        self.mode, self.device = mode, torch.device(device)
-        self.gen = torch.Generator(device=self.device)
-        if mode == "seeded":
-            if seed is None:
-                raise ValueError("seeded noise needs a seed")
-            self.gen.manual_seed(seed)
+    """N(0, std^2) for every coordinate of a list of tensors, from one secret draw."""
 
-    @property
-    def label(self) -> str:
-        return (
-            "seeded (reproducible; for research, not for deployment)"
-            if self.mode == "seeded"
-            else "secure (OS entropy, not reproducible)"
-        )
+    def __init__(self, stream: SecretStream):
+        self.stream = stream
+
+    def add_(self, tensors: list[torch.Tensor], std: float) -> None:
+        """Add independent N(0, std^2) noise to every element of ``tensors`` in place."""
+        if not tensors:
+            return
+        total = sum(t.numel() for t in tensors)
+        z = self.stream.normal(total, tensors[0].device, torch.float64)
+        offset = 0
+        for t in tensors:
+            k = t.numel()
+            t.add_(z[offset : offset + k].view_as(t).to(t.dtype), alpha=std)
+            offset += k
 
     def gaussian_like(self, t: torch.Tensor, std: float) -> torch.Tensor:
-        if self.mode == "secure":
-            self.gen.manual_seed(_entropy_seed())
-        return torch.randn(t.shape, generator=self.gen, device=t.device, dtype=t.dtype) * std
-
-    def state_dict(self) -> dict:
-        return {"mode": self.mode, "gen": self.gen.get_state() if self.mode == "seeded" else None}
-
-    def load_state_dict(self, state: dict) -> None:
-        if self.mode == "seeded" and state.get("gen") is not None:
-            self.gen.set_state(state["gen"])
+        """A tensor of N(0, std^2) shaped like ``t`` (one draw)."""
+        return self.stream.normal(t.numel(), t.device, torch.float64).view_as(t).to(t.dtype) * std

@@ -33,6 +33,7 @@ RESULT_KEYS = (
     "accountant",
     "sampler",
     "noise",
+    "epsilon_assumes",
     "private",
     "train_seconds",
     "images_per_second",

@@ -77,6 +77,7 @@ def _title_page(pdf, an: Analysis, plan: dict, version: str) -> None:
         "Privacy: "
         + ", ".join(f"{k} = {v}" for k, v in priv.items())
         + ". Poisson sampling; epsilon is what each run's accountant says it spent.",
+        *[f"Epsilon assumes: {a}." for a in epsilon_assumptions(runs)],
         f"Runs: {len(runs)} planned; done {c.get('done', 0)}, failed {c.get('failed', 0)}, "
         f"diverged {c.get('diverged', 0)}, pending/running {c.get('pending', 0) + c.get('running', 0)}.",
         f"Compute: {secs / 60:.1f} min of training in total"
@@ -93,6 +94,13 @@ def _title_page(pdf, an: Analysis, plan: dict, version: str) -> None:
     if an.warnings:
         lines += ["Warnings:"] + [f"- {w}" for w in an.warnings]
     _text_page(pdf, f"scalemix ablation report: {an.grid}", lines)
+
+
+def epsilon_assumptions(runs) -> list[str]:
+    """The distinct statements of what each run's epsilon assumes (seeded runs: a secret key)."""
+    if "epsilon_assumes" not in runs:
+        return []
+    return sorted({a for a in runs.epsilon_assumes.dropna().tolist() if a})
 
 
 def _accuracy_page(pdf, an: Analysis, plan: dict) -> None:

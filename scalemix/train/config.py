@@ -37,7 +37,8 @@ class TrainConfig:
     data_dir: str | None = None  # folder with cifar-10-batches-py/ or ImageNette's train/ val/
     download: bool = False  # fetch CIFAR-10 / ImageNette into data_dir when missing
     image_size: int | None = None  # ImageNette resize (default 160) / digits upsampling (16)
-    public_size: int = 0  # examples held out of training as the public batch (public_batch norm)
+    public_size: int = 0  # examples of public data for public_batch norm (NOT protected by DP)
+    public_source: str = "split"  # split (held out of the training split) | FILE (.npy/.pt uint8)
     aug: str = "none"  # none | crop-flip (reflect-pad 4 + random crop, horizontal flip)
     aug_mult: int = 1  # K: augmented views per example, averaged before clipping
     # --- privacy
@@ -48,7 +49,7 @@ class TrainConfig:
     clip: float = 1.5  # per-example gradient norm bound C
     accountant: str = "prv"  # prv (default) | rdp
     sampler: str = "poisson"  # poisson (DP) | shuffle (non-private only)
-    noise: str = "seeded"  # seeded (reproducible, labelled) | secure (OS entropy)
+    noise: str = "secure"  # secure (OS CSPRNG key, never written) | seeded (secret seed key)
     engine: str = "scalemix"  # per-example engine: scalemix (fast, ghost norms) | vmap (reference)
     # --- optimisation
     epochs: float = 10.0  # passes over the data in expectation: steps = round(epochs / q)
@@ -65,7 +66,7 @@ class TrainConfig:
     diag_source: str = "train"  # train (the step's own batch: NOT covered by DP) | probe (held-out)
     diag_probe_size: int = 256  # probe: examples of the test split read at each logging step
     # --- run
-    seed: int = 0  # model init, sampler, augmentation, and (seeded mode) noise
+    seed: int = 0  # public: model init and augmentation; (seeded mode) keys sampler and noise
     device: str = "auto"  # auto | cpu | cuda
     out: str = "runs/train"
     checkpoint_every: int = 50  # steps between checkpoints (and at every epoch end)

@@ -26,20 +26,30 @@ from typing import TYPE_CHECKING
 import torch
 
 from scalemix import __version__
-from scalemix.data import ImageData, augment, load_data, normalize
+from scalemix.data import ImageData, augment, load_data, load_public_images, normalize
 from scalemix.diagnostics.recorder import CAVEAT, TrainingDiagnostics
 from scalemix.diagnostics.recorder import COLUMNS as DIAG_COLUMNS
 from scalemix.diagnostics.table import FIGURE, META, TABLE, plot_scale_ratio, read_diagnostics
 from scalemix.engine import NonPrivateEngine, make_engine
 from scalemix.errors import ConfigError, Diverged, PrivacyError
 from scalemix.models import create_model, refresh_public_stats
-from scalemix.privacy import Ledger, NoiseSource, PoissonSampler, ShuffleSampler, sigma_for
+from scalemix.privacy import (
+    Ledger,
+    NoiseSource,
+    PoissonSampler,
+    RunRandomness,
+    ShuffleSampler,
+    sigma_for,
+)
+from scalemix.privacy.disclosure import CAVEAT as PRIVATE_CAVEAT
+from scalemix.privacy.disclosure import NOT_COVERED, statement
 from scalemix.privacy.mechanism import noisy_mean
 from scalemix.runtime import keep_cpu_memory
 from scalemix.train.config import TrainConfig
 from scalemix.train.ema import EMA
 from scalemix.train.optim import make_optimizer, make_schedule
-from scalemix.train.rundir import CsvLog, RunDir, save_atomic, write_json_atomic
+from scalemix.train.rundir import CsvLog, RunDir, read_json, save_atomic, write_json_atomic
+from scalemix.train.signals import deferred_signals, interrupt_on_sigterm
 
 if TYPE_CHECKING:
     from scalemix.tracking import WandbSettings
@@ -90,11 +100,13 @@ class Trainer:
         *,
         data: ImageData | None = None,
         resume: bool = False,
+        resume_diverged: bool = False,
         progress: bool = True,
         log=print,
         wandb: WandbSettings | None = None,
     ):
         self.cfg = cfg.validate()
+        self.resume_diverged = resume_diverged
         self.wandb_settings = wandb
         self.wandb = None
         self.log = log
@@ -113,15 +125,29 @@ class Trainer:
         self.mean, self.std = data.mean, data.std
         train_x, train_y = data.train_x, data.train_y
         self.public_x = None
+        self.public_source = None
         if cfg.public_size:
-            if cfg.public_size >= len(train_y):
-                raise ConfigError(f"--public-size {cfg.public_size} leaves no training data")
-            perm = torch.randperm(
-                len(train_y), generator=torch.Generator().manual_seed(PUBLIC_SPLIT_SEED)
-            )
-            pub, priv = perm[: cfg.public_size], perm[cfg.public_size :].sort().values
-            self.public_x = normalize(train_x[pub], data.mean, data.std).to(self.device)
-            train_x, train_y = train_x[priv], train_y[priv]
+            if cfg.public_source == "split":
+                if cfg.public_size >= len(train_y):
+                    raise ConfigError(f"--public-size {cfg.public_size} leaves no training data")
+                # Carved out of the training split: these examples are used without privacy
+                # (result.json and privacy.json say so); epsilon covers the rest.
+                perm = torch.randperm(
+                    len(train_y), generator=torch.Generator().manual_seed(PUBLIC_SPLIT_SEED)
+                )
+                pub, priv = perm[: cfg.public_size], perm[cfg.public_size :].sort().values
+                public_u8 = train_x[pub]
+                train_x, train_y = train_x[priv], train_y[priv]
+                self.public_source = (
+                    f"{cfg.public_size} examples of the {data.name} training split "
+                    f"(fixed split, seed {PUBLIC_SPLIT_SEED}): NOT protected"
+                )
+            else:
+                public_u8 = load_public_images(
+                    cfg.public_source, cfg.public_size, tuple(train_x.shape[1:])
+                )
+                self.public_source = f"{cfg.public_size} images from {cfg.public_source}"
+            self.public_x = normalize(public_u8, data.mean, data.std).to(self.device)
         self.train_x, self.train_y = train_x.to(self.device), train_y.to(self.device)
         self.test_x, self.test_y = data.test_x.to(self.device), data.test_y.to(self.device)
         self.n = len(self.train_y)
@@ -155,15 +181,17 @@ class Trainer:
                 )
         else:
             self.ledger, self.sigma = None, 0.0
+        # Every random stream of the run, and who may know it: privacy/randomness.py.
+        self.rng = RunRandomness(cfg.noise if self.private else "public", cfg.seed, self.device)
         if cfg.sampler == "poisson":
-            self.sampler = PoissonSampler(self.n, self.q, cfg.seed)
+            self.sampler = PoissonSampler(self.n, self.q, self.rng.sampler)
         else:
             self.sampler = ShuffleSampler(self.n, cfg.batch_size, cfg.seed)
-        self.noise = NoiseSource(cfg.noise, cfg.seed, self.device)
-        self.aug_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)
+        self.noise = NoiseSource(self.rng.noise)
+        self.aug_gen = self.rng.aug
 
         # ---- model, engine, optimiser
-        torch.manual_seed(cfg.seed)
+        self.rng.init_model_rng()
         self.model = create_model(
             cfg.model,
             num_classes=data.num_classes,
@@ -199,12 +227,18 @@ class Trainer:
         )
         self.last_diag: list[dict] = []
 
+        self._committed_rng = self._rng_state()
         self.resumed_from = None
+        self.abandoned_steps = 0  # steps of diverged attempts: released, so in the ledger
         if resume and self.run_dir.checkpoint.exists():
             self._load_checkpoint()
+        if resume and self.run_dir.divergence.exists():
+            self._count_diverged_attempt()
+        if resume:
             self.run_dir.result.unlink(missing_ok=True)  # a stale failed/diverged result
         self.run_dir.root.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.run_dir.config, self.resolved_config())
+        self._write_privacy_statement()
         self.metrics = CsvLog(self.run_dir.metrics_path, STEP_COLUMNS)
         self.epochs_log = CsvLog(self.run_dir.epochs_path, EPOCH_COLUMNS)
         self.diag_log = CsvLog(self.run_dir.root / TABLE, DIAG_COLUMNS)
@@ -246,6 +280,14 @@ class Trainer:
                 f"{rd.root} already holds a finished run (status {result.get('status')}); "
                 "choose another --out or delete it"
             )
+        if result is not None and result.get("status") == "diverged" and not self.resume_diverged:
+            div = read_json(rd.divergence) or {}
+            raise ConfigError(
+                f"{rd.root} diverged at step {div.get('diverged_at_step', '?')}; --resume would "
+                "redo steps whose updates were already released. Add --resume-diverged to go on "
+                "from the last checkpoint with fresh randomness, counting the released steps in "
+                "epsilon (which then exceeds the target), or start a new run"
+            )
         if rd.checkpoint.exists() and not resume:
             raise ConfigError(
                 f"{rd.root} holds an unfinished run; add --resume to continue it, or choose another --out"
@@ -261,6 +303,44 @@ class Trainer:
                     "resume with the same options"
                 )
 
+    def _write_privacy_statement(self) -> None:
+        write_json_atomic(
+            self.run_dir.privacy,
+            statement(
+                private=self.private,
+                epsilon=self.epsilon(),
+                delta=self.cfg.delta if self.private else None,
+                randomness=self.rng.describe(),
+                private_examples=self.n,
+                public_examples=self.cfg.public_size,
+                public_source=self.public_source,
+                abandoned_steps=self.abandoned_steps,
+            ),
+        )
+
+    def _count_diverged_attempt(self) -> None:
+        """Resume after a divergence: the steps the diverged attempt committed after the
+        checkpoint were released (metrics, diagnostics, W&B), so they are added to the ledger,
+        and the secret streams continue past everything that attempt drew (no replay)."""
+        div = read_json(self.run_dir.divergence) or {}
+        extra = int(div.get("steps_released", self.step)) - self.step
+        if extra > 0 and self.private:
+            self.ledger.step(self.sigma, self.q, count=extra)
+            self.abandoned_steps += extra
+        draws = div.get("stream_draws") or {}
+        for name, stream in (("sampler", self.rng.sampler), ("noise", self.rng.noise)):
+            stream.draws = max(stream.draws, int(draws.get(name, 0)))
+        self._committed_rng = self._rng_state()
+        self.log(
+            f"resuming a diverged run from step {self.step}: {max(extra, 0)} released step(s) of "
+            "the diverged attempt are added to epsilon; its random draws are not reused"
+        )
+        self.run_dir.root.mkdir(parents=True, exist_ok=True)
+        self.save_checkpoint()  # the counted steps are durable before anything else happens
+        self.run_dir.divergence.rename(
+            self.run_dir.root / f"divergence-at-step-{div.get('diverged_at_step', 'unknown')}.json"
+        )
+
     def resolved_config(self) -> dict:
         return {
             "config": self.cfg.as_dict(),
@@ -270,13 +350,16 @@ class Trainer:
                 "data": self.data_summary,
                 "train_size": self.n,
                 "public_size": self.cfg.public_size,
+                "public_source": self.public_source,
+                "private_examples": self.n,
                 "private": self.private,
                 "sigma": self.sigma,
                 "sample_rate": self.q,
                 "expected_batch_size": self.cfg.batch_size,
                 "steps": self.total_steps,
                 "steps_per_epoch": self.steps_per_epoch,
-                "noise": self.noise.label if self.private else None,
+                "noise": self.rng.label if self.private else None,
+                "randomness": self.rng.describe(),
                 "engine": self.engine.name,
                 "device": str(self.device),
                 "torch": torch.__version__,
@@ -293,6 +376,9 @@ class Trainer:
             yield augment(x, cfg.aug_mult, self.aug_gen, cfg.aug), self.train_y[chunk]
 
     def train_step(self) -> dict:
+        """One DP step. Everything private is computed first; then, in one block that no
+        signal interrupts, the ledger, optimiser, schedule, EMA, step counter, random
+        streams' committed state and the step's log rows advance together."""
         cfg, dev = self.cfg, self.device
         t0 = time.perf_counter()
         idx = self.sampler.next().to(dev)
@@ -324,37 +410,50 @@ class Trainer:
             expected_batch_size=cfg.batch_size,
             noise=self.noise,
         )
-        for p, g in zip(self.engine.params, grads):
-            p.grad = g
-        self.optimizer.step()
-        self.schedule.step()
-        if self.ema is not None:
-            self.ema.update(self.model)
-        if self.private:
-            self.ledger.step(self.sigma, self.q)
-        self.step += 1
-        self.last_diag = diag.end_step(self.step)
+        diag_rows = diag.end_step(self.step + 1)
         b = len(idx)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
-        self.train_seconds += dt
-        self.images_seen += b
         row = {
-            "step": self.step,
-            "epoch": self.step / self.steps_per_epoch,
+            "step": self.step + 1,
+            "epoch": (self.step + 1) / self.steps_per_epoch,
             "batch": b,
             "loss": float(loss_sum) / max(b, 1),
             "train_acc": float(correct) / max(b, 1),
-            "lr": self.optimizer.param_groups[0]["lr"],
-            "step_seconds": dt,
-            "images_per_second": b / dt if dt > 0 else None,
         }
         if norms:
             n = torch.cat(norms)
             row["grad_norm_median"] = float(n.median())
             row["clip_fraction"] = float((n > cfg.clip).float().mean())
+        with deferred_signals():  # the step becomes real: all of it, or none of it
+            for p, g in zip(self.engine.params, grads):
+                p.grad = g
+            if self.private:
+                self.ledger.step(self.sigma, self.q)
+            self.optimizer.step()
+            self.schedule.step()
+            if self.ema is not None:
+                self.ema.update(self.model)
+            self.step += 1
+            self._committed_rng = self._rng_state()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            self.train_seconds += dt
+            self.images_seen += b
+            row["lr"] = self.optimizer.param_groups[0]["lr"]
+            row["step_seconds"] = dt
+            row["images_per_second"] = b / dt if dt > 0 else None
+            self.metrics.append(row)
+            for drow in diag_rows:
+                self.diag_log.append(drow)
+        self.last_diag = diag_rows
         return row
+
+    def _rng_state(self) -> dict:
+        """The random streams' state at the start of the next step (what a checkpoint holds)."""
+        state = {"rng": self.rng.state_dict()}
+        if self.sampler.kind != "poisson":  # the Poisson sampler's state is its stream's
+            state["sampler"] = self.sampler.state_dict()
+        return state
 
     # ------------------------------------------------------------------ evaluation
 
@@ -402,11 +501,10 @@ class Trainer:
             "schedule": self.schedule.state_dict(),
             "ema": self.ema.state_dict() if self.ema else None,
             "ledger": self.ledger.state_dict() if self.ledger else None,
-            "sampler": self.sampler.state_dict(),
-            "noise": self.noise.state_dict(),
-            "aug_gen": self.aug_gen.get_state(),
+            **self._committed_rng,  # never a key: draw counters and public generator states
             "train_seconds": self.train_seconds,
             "images_seen": self.images_seen,
+            "abandoned_steps": self.abandoned_steps,
             "last_eval": self.last_eval,
             "version": __version__,
         }
@@ -426,14 +524,14 @@ class Trainer:
             self.ema.load_state_dict(state["ema"])
         if self.ledger is not None:
             self.ledger.load_state_dict(state["ledger"])
-        self.sampler.load_state_dict(state["sampler"])
-        self.noise.load_state_dict(state["noise"])
-        self.aug_gen.set_state(
-            state["aug_gen"].cpu() if hasattr(state["aug_gen"], "cpu") else state["aug_gen"]
-        )
+        self.rng.load_state_dict(state["rng"])
+        if "sampler" in state:
+            self.sampler.load_state_dict(state["sampler"])
+        self._committed_rng = self._rng_state()
         self.step = state["step"]
         self.train_seconds = state["train_seconds"]
         self.images_seen = state["images_seen"]
+        self.abandoned_steps = state.get("abandoned_steps", 0)
         self.last_eval = state.get("last_eval") or {}
         self.resumed_from = self.step
 
@@ -458,7 +556,13 @@ class Trainer:
             "expected_batch_size": self.cfg.batch_size,
             "accountant": self.cfg.accountant if self.private else None,
             "sampler": self.cfg.sampler,
-            "noise": self.noise.label if self.private else None,
+            "noise": self.rng.label if self.private else None,
+            "epsilon_assumes": self.rng.assumption if self.private else None,
+            "abandoned_steps": self.abandoned_steps,
+            "private_examples": self.n,
+            "public_examples": self.cfg.public_size,
+            "public_source": self.public_source,
+            "not_covered_by_epsilon": sorted(NOT_COVERED["result.json"]),
             "train_seconds": self.train_seconds,
             "images_per_second": self.images_seen / self.train_seconds
             if self.train_seconds
@@ -491,9 +595,23 @@ class Trainer:
             )
         self._start_wandb()
         try:
-            with self.diag:
+            with self.diag, interrupt_on_sigterm():
                 self._loop(bar, heartbeat, last_beat, stop_after)
         except Diverged as e:
+            # What this attempt released (the committed steps' updates, in W&B / metrics) is
+            # recorded, so that a resume can count it and never replay its randomness.
+            write_json_atomic(
+                self.run_dir.divergence,
+                {
+                    "diverged_at_step": self.step + 1,
+                    "steps_released": self.step,
+                    "stream_draws": {
+                        "sampler": self.rng.sampler.draws,
+                        "noise": self.rng.noise.draws,
+                    },
+                    "error": str(e),
+                },
+            )
             result = self.result("diverged", str(e))
             write_json_atomic(self.run_dir.result, result)
             self._finish_outputs(result, exit_code=1)
@@ -514,6 +632,7 @@ class Trainer:
             for lg in (self.metrics, self.epochs_log, self.diag_log):
                 lg.close()
         self._save_final_model()
+        self._write_privacy_statement()
         result = self.result("done")
         self._finish_outputs(result, exit_code=0)
         write_json_atomic(self.run_dir.result, result)  # last: its presence means "ended"
@@ -524,9 +643,6 @@ class Trainer:
         cfg = self.cfg
         while self.step < self.total_steps:
             row = self.train_step()
-            self.metrics.append(row)
-            for drow in self.last_diag:
-                self.diag_log.append(drow)
             if self.wandb is not None:
                 self.wandb.log({f"train/{k}": v for k, v in row.items()}, self.step)
                 if self.last_diag:
@@ -575,8 +691,12 @@ class Trainer:
         from scalemix.tracking import WandbRun
 
         settings = self.wandb_settings
+        notes = [settings.notes or ""]
+        if self.private:
+            notes += [self.rng.assumption + ".", PRIVATE_CAVEAT]
         if self.cfg.diag_every and (self.cfg.diag_source == "train" or self.diag.grad_side):
-            settings = replace(settings, notes=((settings.notes or "") + " " + CAVEAT).strip())
+            notes.append(CAVEAT)
+        settings = replace(settings, notes=" ".join(n for n in notes if n).strip())
         self.wandb = WandbRun(settings, self.run_dir.root, self.resolved_config())
 
     def _finish_outputs(self, result: dict | None, exit_code: int) -> None:
@@ -613,6 +733,7 @@ def train(
     cfg: TrainConfig,
     *,
     resume: bool = False,
+    resume_diverged: bool = False,
     progress: bool = True,
     log=print,
     wandb: WandbSettings | None = None,
@@ -622,4 +743,11 @@ def train(
     if resume and (res := rd.read_result()) is not None and res.get("status") == "done":
         log(f"{rd.root} is already finished; nothing to do")
         return res
-    return Trainer(cfg, resume=resume, progress=progress, log=log, wandb=wandb).run()
+    return Trainer(
+        cfg,
+        resume=resume,
+        resume_diverged=resume_diverged,
+        progress=progress,
+        log=log,
+        wandb=wandb,
+    ).run()

@@ -110,6 +110,8 @@ class RunDir:
         self.result = self.root / "result.json"
         self.checkpoint = self.root / "checkpoint.pt"
         self.error_log = self.root / "error.log"
+        self.divergence = self.root / "divergence.json"
+        self.privacy = self.root / "privacy.json"
         self.metrics_path = self.root / "metrics.csv"
         self.epochs_path = self.root / "epochs.csv"
 
