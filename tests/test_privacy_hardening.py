@@ -56,7 +56,7 @@ def test_two_secure_runs_with_the_same_seed_draw_different_batches_and_noise(
         assert torch.equal(pa, pb)
     # and what the checkpoint would hold of the streams is never a key
     state = a._rng_state()["rng"]
-    assert set(state) == {"mode", "seed_key_id", "sampler", "noise", "aug"}
+    assert set(state) == {"mode", "seed_key_id", "sampler", "noise", "canary", "aug"}
     assert state["sampler"] == {"draws": 0}
 
 

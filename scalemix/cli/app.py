@@ -6,6 +6,7 @@ import typer
 
 from scalemix.cli import (
     ablate_cmd,
+    audit_cmd,
     bench_cmd,
     models_cmd,
     privacy_cmd,
@@ -33,6 +34,7 @@ app.command("ablate")(ablate_cmd.ablate)
 app.command("grids")(ablate_cmd.grids)
 app.command("status")(ablate_cmd.status)
 app.command("report")(report_cmd.report)
+app.command("audit")(audit_cmd.audit)
 app.add_typer(privacy_cmd.app, name="privacy")
 app.add_typer(bench_cmd.app, name="bench")
 

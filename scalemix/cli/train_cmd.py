@@ -120,6 +120,18 @@ def train(
         "stays secret).",
         rich_help_panel=PRIVACY,
     ),
+    audit_canaries: int = typer.Option(
+        _DEF.audit_canaries,
+        help="Add M canaries (each included with probability 1/2) and audit the run: an "
+        "empirical lower bound on epsilon beside the accountant's ('scalemix audit').",
+        rich_help_panel=PRIVACY,
+    ),
+    canary_kind: str = typer.Option(
+        _DEF.canary_kind,
+        help="gradient (white-box Dirac gradients, observed at every step) | input "
+        "(mislabelled training examples, scored by the final model).",
+        rich_help_panel=PRIVACY,
+    ),
     engine: str = typer.Option(
         _DEF.engine,
         help="Per-example clipping engine: scalemix (fast: book-keeping with ghost norms) | vmap (torch.func reference).",
@@ -288,6 +300,11 @@ def train(
             f"run {result['status']}: {result.get('error')} (see {out}/result.json)", err=True
         )
         return 1
+    if result.get("privacy_alarm"):
+        from scalemix.cli.audit_cmd import ALARM_EXIT
+
+        typer.echo(f"{'!' * 78}\nPRIVACY ALARM ({out}/audit/audit.json)\n{'!' * 78}", err=True)
+        return ALARM_EXIT
     return 0
 
 
@@ -302,6 +319,9 @@ _SHOWN = (
     "sigma",
     "steps",
     "abandoned_steps",
+    "epsilon_lower_bound",
+    "epsilon_lower_bound_fdp",
+    "privacy_alarm",
     "images_per_second",
     "train_seconds",
 )

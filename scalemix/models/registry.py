@@ -88,6 +88,15 @@ register_model(
 )
 register_model(
     ModelEntry(
+        "resnet9_tiny",
+        lambda a, **kw: ResNet9(a, width=8, **kw),
+        ModelAxes(norm="group", groups=4, scalenorm=True, act="mish"),
+        description="ResNet-9 at 1/8 width (~39 k params): CPU smoke tests and privacy audits",
+        data="digits",
+    )
+)
+register_model(
+    ModelEntry(
         "resnet18",
         lambda a, **kw: ResNet(
             a, depths=(2, 2, 2, 2), widths=(64, 128, 256, 512), stem="imagenet", **kw

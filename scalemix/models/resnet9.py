@@ -33,15 +33,20 @@ def _residual(f: LayerFactory, ch: int, where: str) -> ResidualBlock:
 
 
 class ResNet9(nn.Sequential):
-    def __init__(self, axes: ModelAxes, num_classes: int = 10, in_channels: int = 3):
+    """``width`` is conv1's channel count (64 in the paper); the others scale with it."""
+
+    def __init__(
+        self, axes: ModelAxes, num_classes: int = 10, in_channels: int = 3, width: int = 64
+    ):
         f = LayerFactory(axes)
+        w1, w2, w4 = width, 2 * width, 4 * width
         super().__init__()
-        self.conv1 = f.conv_norm_act(in_channels, 64, where="conv1")
-        self.conv2 = nn.Sequential(f.conv_norm_act(64, 128, where="conv2"), nn.MaxPool2d(2))
-        self.res1 = _residual(f, 128, "res1")
-        self.conv3 = nn.Sequential(f.conv_norm_act(128, 256, where="conv3"), nn.MaxPool2d(2))
-        self.conv4 = nn.Sequential(f.conv_norm_act(256, 256, where="conv4"), nn.MaxPool2d(2))
-        self.res2 = _residual(f, 256, "res2")
+        self.conv1 = f.conv_norm_act(in_channels, w1, where="conv1")
+        self.conv2 = nn.Sequential(f.conv_norm_act(w1, w2, where="conv2"), nn.MaxPool2d(2))
+        self.res1 = _residual(f, w2, "res1")
+        self.conv3 = nn.Sequential(f.conv_norm_act(w2, w4, where="conv3"), nn.MaxPool2d(2))
+        self.conv4 = nn.Sequential(f.conv_norm_act(w4, w4, where="conv4"), nn.MaxPool2d(2))
+        self.res2 = _residual(f, w4, "res2")
         self.pool = nn.AdaptiveMaxPool2d(2)
         self.flatten = nn.Flatten()
-        self.fc = nn.Linear(1024, num_classes)
+        self.fc = nn.Linear(4 * w4, num_classes)

@@ -193,6 +193,7 @@ class RunRandomness:
             ).digest()
         self.sampler = SecretStream(run_key, "sampler")
         self.noise = SecretStream(run_key, "noise")
+        self.canary = SecretStream(run_key, "canary")  # audit canaries: coins, coordinates
         del run_key
         # Public streams: the model seed is published, and so may be everything it drives.
         self.aug = torch.Generator(device=self.device).manual_seed(self.seed + 1)
@@ -247,6 +248,7 @@ class RunRandomness:
             "seed_key_id": self.seed_key_id,
             "sampler": self.sampler.state_dict(),
             "noise": self.noise.state_dict(),
+            "canary": self.canary.state_dict(),
             "aug": self.aug.get_state(),
         }
 

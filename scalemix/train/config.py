@@ -50,6 +50,8 @@ class TrainConfig:
     accountant: str = "prv"  # prv (default) | rdp
     sampler: str = "poisson"  # poisson (DP) | shuffle (non-private only)
     noise: str = "secure"  # secure (OS CSPRNG key, never written) | seeded (secret seed key)
+    audit_canaries: int = 0  # M canaries for a one-run privacy audit (0: none); see scalemix.audit
+    canary_kind: str = "gradient"  # gradient (white box, Dirac) | input (black box, mislabelled)
     engine: str = "scalemix"  # per-example engine: scalemix (fast, ghost norms) | vmap (reference)
     # --- optimisation
     epochs: float = 10.0  # passes over the data in expectation: steps = round(epochs / q)
@@ -132,6 +134,14 @@ class TrainConfig:
             raise ConfigError(
                 f"--diag-every must be >= 0 (0: off) and --diag-probe-size >= 1, "
                 f"got {self.diag_every} and {self.diag_probe_size}"
+            )
+        from scalemix.audit.canaries import CANARY_KINDS
+
+        choice(self.canary_kind, CANARY_KINDS, "--canary-kind")
+        if self.audit_canaries < 0 or (self.audit_canaries and self.sampler != "poisson"):
+            raise ConfigError(
+                f"--audit-canaries must be >= 0 and needs --sampler poisson, got "
+                f"{self.audit_canaries} with {self.sampler}"
             )
         if self.public_size < 0:
             raise ConfigError(f"--public-size must be >= 0, got {self.public_size}")

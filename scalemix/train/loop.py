@@ -23,9 +23,12 @@ import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from scalemix import __version__
+from scalemix.audit import Canaries, input_canary_scores, load_canaries, run_audit, summary_fields
+from scalemix.audit import write as write_audit
 from scalemix.data import ImageData, augment, load_data, load_public_images, normalize
 from scalemix.diagnostics.recorder import CAVEAT, TrainingDiagnostics
 from scalemix.diagnostics.recorder import COLUMNS as DIAG_COLUMNS
@@ -119,9 +122,14 @@ class Trainer:
             keep_cpu_memory()
         self._check_out_dir(resume)
 
+        self.private = not cfg.non_private
+        # Every random stream of the run, and who may know it: privacy/randomness.py.
+        self.rng = RunRandomness(cfg.noise if self.private else "public", cfg.seed, self.device)
+
         # ---- data (uint8 on the device; normalised per chunk)
         data = data or load_data(cfg.data, cfg.data_dir, download=cfg.download, size=cfg.image_size)
         self.data_summary = data.summary()
+        self.num_classes = data.num_classes
         self.mean, self.std = data.mean, data.std
         train_x, train_y = data.train_x, data.train_y
         self.public_x = None
@@ -148,12 +156,28 @@ class Trainer:
                 )
                 self.public_source = f"{cfg.public_size} images from {cfg.public_source}"
             self.public_x = normalize(public_u8, data.mean, data.std).to(self.device)
+        self.canaries = None
+        self.audit_result: dict | None = None
+        n_real = len(train_y)
+        if cfg.audit_canaries and cfg.canary_kind == "input":
+            # Canary examples leave the training data; the included ones come back,
+            # mislabelled, as examples like any other (appended after the real ones).
+            self.canaries = Canaries.create(
+                "input",
+                cfg.audit_canaries,
+                self.rng.canary,
+                data=(train_x, train_y, data.num_classes),
+            )
+            keep = torch.ones(len(train_y), dtype=torch.bool)
+            keep[self.canaries.source_index] = False
+            train_x = torch.cat([train_x[keep], self.canaries.x])
+            train_y = torch.cat([train_y[keep], self.canaries.y])
+            n_real = int(keep.sum())
         self.train_x, self.train_y = train_x.to(self.device), train_y.to(self.device)
         self.test_x, self.test_y = data.test_x.to(self.device), data.test_y.to(self.device)
-        self.n = len(self.train_y)
+        self.n = n_real  # private examples (canaries, if any, come after them)
 
         # ---- sampling and privacy
-        self.private = not cfg.non_private
         self.q = cfg.batch_size / self.n
         if self.q > 1:
             raise ConfigError(
@@ -181,10 +205,8 @@ class Trainer:
                 )
         else:
             self.ledger, self.sigma = None, 0.0
-        # Every random stream of the run, and who may know it: privacy/randomness.py.
-        self.rng = RunRandomness(cfg.noise if self.private else "public", cfg.seed, self.device)
-        if cfg.sampler == "poisson":
-            self.sampler = PoissonSampler(self.n, self.q, self.rng.sampler)
+        if cfg.sampler == "poisson":  # every canary gets a uniform too (see scalemix.audit)
+            self.sampler = PoissonSampler(self.n + cfg.audit_canaries, self.q, self.rng.sampler)
         else:
             self.sampler = ShuffleSampler(self.n, cfg.batch_size, cfg.seed)
         self.noise = NoiseSource(self.rng.noise)
@@ -204,6 +226,8 @@ class Trainer:
             if self.private
             else NonPrivateEngine(self.model)
         )
+        if cfg.audit_canaries and cfg.canary_kind == "gradient":
+            self.canaries = Canaries.create("gradient", cfg.audit_canaries, self.rng.canary)
         self.optimizer = make_optimizer(
             cfg.optimizer, self.engine.params, cfg.lr, cfg.momentum, cfg.weight_decay
         )
@@ -382,6 +406,9 @@ class Trainer:
         cfg, dev = self.cfg, self.device
         t0 = time.perf_counter()
         idx = self.sampler.next().to(dev)
+        canaries_in = None
+        if self.canaries is not None:
+            idx, canaries_in = self.canaries.split(idx, self.n)
         self.model.train()
         if self.public_x is not None:
             refresh_public_stats(self.model, self.public_x)
@@ -403,13 +430,21 @@ class Trainer:
         if not torch.isfinite(loss_sum):
             raise Diverged(f"non-finite training loss at step {self.step + 1}")
         diag.before_noise(grads)
+        released = grads
+        if canaries_in is not None:  # gradient canaries: their own coordinates, same mechanism
+            audit_vec = self.canaries.audit_vector(dev, grads[0].dtype)
+            self.canaries.add_gradients(audit_vec, canaries_in, cfg.clip)
+            released = [*grads, audit_vec]  # one noise draw covers it like every parameter
         noisy_mean(
-            grads,
+            released,
             sigma=self.sigma,
             clip=cfg.clip if self.private else None,
             expected_batch_size=cfg.batch_size,
             noise=self.noise,
         )
+        observed = None
+        if canaries_in is not None:  # the white-box view: the noisy sum on the audit vector
+            observed = self.canaries.observe(released[-1]) * cfg.batch_size
         diag_rows = diag.end_step(self.step + 1)
         b = len(idx)
         row = {
@@ -433,6 +468,8 @@ class Trainer:
             if self.ema is not None:
                 self.ema.update(self.model)
             self.step += 1
+            if self.canaries is not None:
+                self.canaries.record(observed)
             self._committed_rng = self._rng_state()
             if dev.type == "cuda":
                 torch.cuda.synchronize()
@@ -505,6 +542,7 @@ class Trainer:
             "train_seconds": self.train_seconds,
             "images_seen": self.images_seen,
             "abandoned_steps": self.abandoned_steps,
+            "audit": self.canaries.state_dict() if self.canaries is not None else None,
             "last_eval": self.last_eval,
             "version": __version__,
         }
@@ -532,6 +570,8 @@ class Trainer:
         self.train_seconds = state["train_seconds"]
         self.images_seen = state["images_seen"]
         self.abandoned_steps = state.get("abandoned_steps", 0)
+        if self.canaries is not None and state.get("audit") is not None:
+            self.canaries.load_state_dict(state["audit"], self.step)
         self.last_eval = state.get("last_eval") or {}
         self.resumed_from = self.step
 
@@ -563,6 +603,7 @@ class Trainer:
             "public_examples": self.cfg.public_size,
             "public_source": self.public_source,
             "not_covered_by_epsilon": sorted(NOT_COVERED["result.json"]),
+            **(summary_fields(self.audit_result) if self.audit_result else {}),
             "train_seconds": self.train_seconds,
             "images_per_second": self.images_seen / self.train_seconds
             if self.train_seconds
@@ -633,6 +674,8 @@ class Trainer:
                 lg.close()
         self._save_final_model()
         self._write_privacy_statement()
+        if self.canaries is not None:
+            self._audit()
         result = self.result("done")
         self._finish_outputs(result, exit_code=0)
         write_json_atomic(self.run_dir.result, result)  # last: its presence means "ended"
@@ -721,6 +764,49 @@ class Trainer:
             except Exception as e:  # pragma: no cover
                 self.log(f"warning: W&B run not finished cleanly: {e}")
             self.wandb = None
+
+    def _audit(self) -> None:
+        """Save the canaries, compute the one-run lower bounds, and raise the alarm if one
+        exceeds the accountant's epsilon (scalemix.audit)."""
+        cfg = self.cfg
+        self.canaries.save(
+            self.run_dir.root,
+            q=self.q,
+            sigma=self.sigma,
+            clip=cfg.clip,
+            delta=cfg.delta if self.private else 1e-5,
+            epsilon=self.epsilon() if self.private else np.nan,
+            mean=np.array(self.mean),
+            std=np.array(self.std),
+            num_classes=self.num_classes,
+        )
+        model_scores = None
+        if self.canaries.kind == "input":
+            model_scores = input_canary_scores(
+                self.model,
+                normalize(self.canaries.x.to(self.device), self.mean, self.std),
+                self.canaries.y.to(self.device),
+            )
+        self.audit_result = run_audit(
+            load_canaries(self.run_dir.root),
+            q=self.q,
+            sigma=self.sigma,
+            clip=cfg.clip,
+            epsilon=self.epsilon(),
+            delta=cfg.delta if self.private else 1e-5,
+            model_scores=model_scores,
+        )
+        write_audit(self.run_dir.root, self.audit_result)
+        a = self.audit_result
+        self.log(
+            f"audit ({a['canaries']} {a['kind']} canaries, {a['primary_adversary']}): "
+            f"epsilon >= {a['epsilon_lower_bound']:.3f} (Steinke et al.), "
+            f">= {a['epsilon_lower_bound_fdp']:.3f} (f-DP, GDP curve) at {a['confidence']:.0%}; "
+            f"ceiling {a['ceiling']['steinke']:.2f}; accountant "
+            + ("-" if a["accountant_epsilon"] is None else f"{a['accountant_epsilon']:.3f}")
+        )
+        if a["alarm"]:
+            self.log(a["alarm_message"])
 
     def _save_final_model(self) -> None:
         state = {"model": self.model.state_dict(), "config": self.cfg.as_dict()}
