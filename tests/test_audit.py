@@ -223,3 +223,14 @@ def test_input_canaries_are_ordinary_examples_and_rescored_from_the_model(
         res["epsilon_lower_bound"]
     )
     assert torch.isfinite(torch.tensor(res["test_acc"]))
+
+
+def test_gradient_canaries_leave_the_model_bit_identical(tiny_cfg, digits8, tmp_path):
+    """The audit vector lies beside the model: a seeded run with gradient canaries trains
+    exactly the model of the same run without them (same batches, same noise per weight)."""
+    base = tiny_cfg.replace(model="resnet9_tiny", groups=None, ema=None, diag_every=0, epochs=0.5)
+    plain, _ = _run(base.replace(out=str(tmp_path / "plain")), digits8)
+    audited, res = _run(base.replace(out=str(tmp_path / "aud"), audit_canaries=2000), digits8)
+    for (n, a), (_, b) in zip(plain.model.state_dict().items(), audited.model.state_dict().items()):
+        assert torch.equal(a, b), n
+    assert res["audit_canaries"] == 2000

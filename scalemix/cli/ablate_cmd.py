@@ -181,11 +181,22 @@ def status(
         + ", ".join(f"{v} {k}" for k, v in c.items())
         + f" (of {len(rows)})"
     )
+    alarms = [r["id"] for r in rows if (r["result"] or {}).get("privacy_alarm")]
+    if alarms:
+        typer.echo(
+            f"PRIVACY ALARM in {len(alarms)} cell(s): {', '.join(alarms)} "
+            "(the audit's lower bound exceeds the accountant's epsilon: a privacy bug)",
+            err=True,
+        )
     for r in rows:
         axes = " ".join(f"{k}={v}" for k, v in r["axes"].items()) + f" seed={r['seed']}"
         res = r["result"] or {}
         if r["status"] == "done":
             info = f"acc {res.get('test_acc', 0):.4f}  eps {res.get('epsilon') or 0:.3f}"
+            if res.get("epsilon_lower_bound") is not None:
+                info += f"  eps_lb {res['epsilon_lower_bound']:.3f}"
+            if res.get("privacy_alarm"):
+                info += "  PRIVACY ALARM"
         elif r["status"] in ("failed", "diverged"):
             info = str(res.get("error"))[:80]
         else:

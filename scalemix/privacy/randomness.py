@@ -36,7 +36,8 @@ Where the run key comes from is the *noise mode*:
   shows epsilon says so.
 
 Gaussian noise is made from the keystream by the Box--Muller transform (53-bit uniforms
-for the radius, 32-bit for the angle, in float64 on the run's device). Floating-point
+for the radius, 32-bit for the angle, in float64 on the run's device), pair by pair, so
+that the first k normals of a draw do not depend on how many follow. Floating-point
 side channels (Mironov 2012) are not mitigated.
 """
 
@@ -154,13 +155,18 @@ class SecretStream:
         if half == 0:
             self.draws += 1
             return torch.zeros(0, dtype=dtype, device=device)
-        raw = self._raw(12 * half, device)
-        r_bits = raw[: 8 * half].view(torch.int64)
-        a_bits = raw[8 * half :].view(torch.int32)
+        # 12 bytes per pair, pair by pair, so the first k normals of a draw do not depend
+        # on how many follow (a run with an audit vector appended keeps the model's noise).
+        raw = self._raw(12 * half, device).view(half, 12)
+        r_bits = raw[:, :8].contiguous().view(torch.int64).flatten()
+        a_bits = raw[:, 8:].contiguous().view(torch.int32).flatten()
         u1 = ((r_bits >> 11) & _MASK53).to(torch.float64).add_(1.0).mul_(2.0**-53)  # (0, 1]
-        radius = u1.log_().mul_(-2.0).sqrt_()
-        angle = a_bits.to(torch.float64).mul_(2.0 * math.pi / 2.0**32)  # [-pi, pi)
-        z = torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)])
+        # The radius carries the tails: float64 log of a 53-bit uniform (to 8.6 sigma);
+        # the angle needs only the output precision.
+        math_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        radius = u1.log_().mul_(-2.0).sqrt_().to(math_dtype)
+        angle = a_bits.to(math_dtype).mul_(2.0 * math.pi / 2.0**32)  # [-pi, pi)
+        z = torch.stack([radius * torch.cos(angle), radius * torch.sin(angle)], dim=1).flatten()
         return z[:n].to(dtype)
 
     def state_dict(self) -> dict:

@@ -75,7 +75,7 @@ class NoiseSource:
         if not tensors:
             return
         total = sum(t.numel() for t in tensors)
-        z = self.stream.normal(total, tensors[0].device, torch.float64)
+        z = self.stream.normal(total, tensors[0].device, tensors[0].dtype)
         offset = 0
         for t in tensors:
             k = t.numel()
@@ -84,4 +84,4 @@ class NoiseSource:
 
     def gaussian_like(self, t: torch.Tensor, std: float) -> torch.Tensor:
         """A tensor of N(0, std^2) shaped like ``t`` (one draw)."""
-        return self.stream.normal(t.numel(), t.device, torch.float64).view_as(t).to(t.dtype) * std
+        return self.stream.normal(t.numel(), t.device, t.dtype).view_as(t) * std

@@ -61,7 +61,12 @@ def analyse(runs: pd.DataFrame, plan: dict, metric: str = METRIC) -> Analysis:
     rows = []
     for key, g in done.groupby(axes, sort=False, dropna=False):
         key = key if isinstance(key, tuple) else (key,)
-        rows.append({**dict(zip(axes, key)), **st.describe(g[metric]).as_dict()})
+        row = {**dict(zip(axes, key)), **st.describe(g[metric]).as_dict()}
+        if "epsilon_lower_bound" in g and g.epsilon_lower_bound.notna().any():
+            lb = g.epsilon_lower_bound.astype(float)
+            row["eps_lower_bound_max"] = float(lb.max())  # the audit: largest over seeds
+            row["eps_spent"] = float(g.epsilon_spent.astype(float).max())
+        rows.append(row)
     cells = pd.DataFrame(rows)
 
     # ---- paired comparisons
@@ -168,6 +173,24 @@ def _pts(x: float) -> str:
 def findings(an: Analysis) -> tuple[list[str], list[str]]:
     out, warn = [], []
     runs, cells = an.runs, an.cells
+    if (
+        "privacy_alarm" in runs
+        and (alarm := runs[runs.privacy_alarm.fillna(False).astype(bool)]).size
+    ):
+        ids = ", ".join(alarm.id.tolist()[:5]) + (" ..." if len(alarm) > 5 else "")
+        warn.append(
+            f"PRIVACY ALARM: in {len(alarm)} run(s) ({ids}) the one-run audit's lower bound "
+            "exceeds the accountant's epsilon at 95 % confidence. The runs do not do what the "
+            "privacy proof assumes: this is a bug, not a result (see each cell's audit/audit.json)."
+        )
+    if "epsilon_lower_bound" in runs and runs.epsilon_lower_bound.notna().any():
+        lb = runs.epsilon_lower_bound.astype(float)
+        out.append(
+            f"Privacy audit: the largest one-run lower bound on epsilon is {lb.max():.2f} "
+            f"(median {lb.median():.2f}) against an accountant's epsilon of at most "
+            f"{runs.epsilon_spent.astype(float).max():.2f}; a lower bound is what an attacker "
+            "demonstrably gets, the accountant's epsilon what the proof promises."
+        )
     n_done = int((runs.status == "done").sum())
     n_bad = int(runs.status.isin(["failed", "diverged"]).sum())
     if n_bad:
