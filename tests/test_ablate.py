@@ -254,3 +254,58 @@ def test_wandb_cells_are_runs_in_the_grid_group(tmp_path, monkeypatch):
     assert run["run"]["group"] == "tiny" and run["run"]["job_type"] == "tiny"
     assert "groups=8" in run["run"]["tags"] and "seed=0" in run["run"]["tags"]
     assert run["config"]["axes"] == {"groups": 8} and run["config"]["cell"] == cid
+
+
+def test_ctrl_c_stops_the_grid_prints_the_resume_command_and_loses_nothing(tmp_path):
+    """SIGINT to the whole process group (what a terminal's Ctrl-C sends) while the first
+    cell trains and three are pending: the command ends within 15 s with exit 130, starts
+    no new cell, prints the exact resume command; the rerun finishes every cell once."""
+    grid_file = _grid(tmp_path, "groups = [1, 2, 4, 8]", epochs=0.4)
+    out = tmp_path / "grid"
+    args = ["ablate", "--grid", str(grid_file), "--out", str(out), "--no-report", "--quiet"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "scalemix", *args],
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline:
+            time.sleep(0.3)
+            if not (out / "grid.json").exists():
+                continue
+            gd = GridDir(out)
+            ids = [c["id"] for c in gd.plan()["cells"]]
+            if any(gd.progress(c)[0] >= 1 for c in ids):
+                break
+        else:
+            pytest.fail("no cell started in time")
+        started = {c for c in ids if gd.attempts(c)}
+        t0 = time.time()
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=15)
+        elapsed = time.time() - t0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert elapsed < 15
+    assert f"Resume with: scalemix {' '.join(args)}" in err
+    assert "Traceback" not in err
+    assert {c for c in ids if gd.attempts(c)} == started  # nothing new started
+    assert len(started) < len(ids)
+    rerun = subprocess.run(
+        [sys.executable, "-m", "scalemix", *args], capture_output=True, text=True, timeout=600
+    )
+    assert rerun.returncode == 0, rerun.stderr
+    for c in ids:
+        assert gd.status(c) == "done"
+        steps = [
+            int(r.split(",")[0])
+            for r in (gd.cell_dir(c) / "metrics.csv").read_text().splitlines()[1:]
+        ]
+        assert steps == list(range(1, len(steps) + 1)), c  # every step exactly once
+        assert len(gd.attempts(c)) == (2 if c in started else 1)

@@ -41,6 +41,11 @@ _worker_gpu: str | None = None
 
 
 def _init_worker(counter, gpus: int) -> None:
+    """Each worker ignores SIGINT: the parent decides how to stop (one SIGTERM each, which
+    the trainer turns into checkpoint-and-stop; a second Ctrl-C kills them)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     global _worker_gpu
     with counter.get_lock():
         index = counter.value
@@ -68,9 +73,10 @@ def run_local(root, ids, *, workers: int, retry_failed: bool, wandb, tick) -> di
     ctx = mp.get_context("spawn")
     counter = ctx.Value("i", 0)
     out: dict[str, str] = {}
-    with ProcessPoolExecutor(
+    pool = ProcessPoolExecutor(
         max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(counter, gpus)
-    ) as pool:
+    )
+    try:
         pending = {
             pool.submit(_pool_task, str(root), cid, threads, retry_failed, wandb) for cid in ids
         }
@@ -80,7 +86,37 @@ def run_local(root, ids, *, workers: int, retry_failed: bool, wandb, tick) -> di
                 cid, status = f.result()
                 out[cid] = status
             tick()
+    except BaseException:  # Ctrl-C, SIGTERM (as KeyboardInterrupt) or an error: stop cleanly
+        stop_workers(pool, root)
+        raise
+    pool.shutdown(wait=True)
     return out
+
+
+def stop_workers(pool: ProcessPoolExecutor, root, grace: float = 60.0) -> None:
+    """No new cell starts; running cells checkpoint and stop (one SIGTERM each); a second
+    Ctrl-C while waiting kills them at once (their last checkpoints stay)."""
+    import signal
+
+    from scalemix.ablate.store import GridDir
+
+    GridDir(root).request_stop()
+    procs = [p for p in list(getattr(pool, "_processes", {}).values()) if p.is_alive()]
+    pool.shutdown(wait=False, cancel_futures=True)
+    for p in procs:
+        try:
+            os.kill(p.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + grace
+    try:
+        for p in procs:
+            p.join(timeout=max(0.0, deadline - time.monotonic()))
+    except KeyboardInterrupt:
+        pass
+    for p in procs:
+        if p.is_alive():
+            p.kill()
 
 
 def run_slurm(
@@ -124,14 +160,26 @@ def run_slurm(
     )
     (root / "slurm" / "jobs.txt").write_text("\n".join(j.job_id for j in jobs) + "\n")
     out: dict[str, str] = {}
-    while len(out) < n:
-        for cid, job in zip(ids, jobs):
-            if cid in out or not job.done():
-                continue
-            try:
-                out[cid] = job.result()
-            except Exception as e:  # the job itself died (time limit, node failure)
-                out[cid] = f"failed: {type(e).__name__}"
-        tick()
-        time.sleep(1.0)
+    try:
+        while len(out) < n:
+            for cid, job in zip(ids, jobs):
+                if cid in out or not job.done():
+                    continue
+                try:
+                    out[cid] = job.result()
+                except Exception as e:  # the job itself died (time limit, node failure)
+                    out[cid] = f"failed: {type(e).__name__}"
+            tick()
+            time.sleep(1.0)
+    except BaseException:  # Ctrl-C: nothing new starts; running jobs get SIGTERM (scancel)
+        from scalemix.ablate.store import GridDir
+
+        GridDir(root).request_stop()
+        for job in jobs:
+            if not job.done():
+                try:
+                    job.cancel(check=False)
+                except Exception:  # pragma: no cover - best effort
+                    pass
+        raise
     return out

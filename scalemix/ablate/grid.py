@@ -91,12 +91,23 @@ def find_grid(name_or_path: str) -> Path:
     return grids[name_or_path]
 
 
-def parse_value(text: str):
-    """A --set value: TOML syntax when it parses (1, 1.5, true, "x", [1, 2]), else a string."""
+def parse_value(text: str, key: str = "value"):
+    """A --set value: TOML syntax when it parses (1, 1.5, true, "x", [1, 2]), else a string.
+
+    Text that opens a list, table or quoted string but does not parse is an error (a
+    missing bracket is a typo, not a string); so is an empty value or an empty list."""
     try:
-        return tomllib.loads(f"v = {text}")["v"]
+        value = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
+        if not text or text[0] in "[{\"'" or text[-1] in "]}\"'":
+            raise ConfigError(
+                f"--set {key}={text}: not a valid value (unbalanced brackets or quotes?); "
+                'write numbers as 1 or 1.5, lists as [1, 8], strings as x or "x"'
+            ) from None
         return text
+    if value == [] or value == {}:
+        raise ConfigError(f"--set {key}={text}: an empty list leaves nothing to run")
+    return value
 
 
 def parse_sets(items: list[str]) -> dict:
@@ -105,7 +116,10 @@ def parse_sets(items: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set epochs=2")
         k, v = item.split("=", 1)
-        out[k.strip().replace("-", "_")] = parse_value(v.strip())
+        key = k.strip().replace("-", "_")
+        if not key:
+            raise ConfigError(f"--set {item!r}: the key before '=' is empty")
+        out[key] = parse_value(v.strip(), key)
     return out
 
 
@@ -267,7 +281,11 @@ def load_grid(name_or_path: str, preset: str | None = None, sets: dict | None = 
     for k in list(sets):
         if k == "seeds":
             v = sets.pop(k)
-            seeds = list(v) if isinstance(v, list) else [int(v)]
+            seeds = list(v) if isinstance(v, list) else [v]
+            if not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+                raise ConfigError(
+                    f"--set seeds={v!r}: seeds are integers, e.g. --set seeds=[0,1,2]"
+                )
         elif k in axes:  # --set groups=[1,2] replaces an axis
             v = sets.pop(k)
             axes[k] = v if isinstance(v, list) else [v]

@@ -107,6 +107,7 @@ def ablate(
     cells = grid.cells()
     preflight(grid, cells)
     gd.write_plan(grid, cells)
+    gd.clear_stop()
     ids = [c.id for c in cells]
     labels = {c.id: c.label for c in cells}
     todo_status = ("pending", "running") + (("failed",) if retry_failed else ())
@@ -134,6 +135,8 @@ def ablate(
             else:
                 res = run_local(gd.root, runnable, **kw)
             retried.update(cid for cid, s in res.items() if s == "failed")
+            if gd.stop_requested():
+                raise KeyboardInterrupt("stop requested")
             if all(s == "taken" for s in res.values()):
                 time.sleep(2.0)
         monitor.tick()

@@ -114,6 +114,22 @@ class GridDir:
 
     # ------------------------------------------------------------------ cells
 
+    # A stop request: set on Ctrl-C / SIGTERM of 'scalemix ablate'; no worker starts a new
+    # cell while it stands; the next 'scalemix ablate' clears it.
+    @property
+    def stop_file(self) -> Path:
+        return self.root / "STOP"
+
+    def request_stop(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.stop_file.write_text("stop requested: no new cell starts\n")
+
+    def stop_requested(self) -> bool:
+        return self.stop_file.exists()
+
+    def clear_stop(self) -> None:
+        self.stop_file.unlink(missing_ok=True)
+
     def cell_dir(self, cid: str) -> Path:
         return self.cells_root / cid
 

@@ -28,6 +28,8 @@ def run_cell(
     wandb=None,
 ) -> str:
     gd = GridDir(root)
+    if gd.stop_requested():  # the grid is being stopped: start nothing new
+        return "stopped"
     lock = gd.lock(cid)
     if not lock.acquire():
         return "taken"

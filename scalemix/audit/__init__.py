@@ -11,8 +11,9 @@ import torch
 
 from scalemix.audit.audit import audit as run_audit
 from scalemix.audit.audit import summary_fields, write
-from scalemix.audit.canaries import CANARY_KINDS, Canaries
+from scalemix.audit.canaries import Canaries
 from scalemix.audit.canaries import load as load_canaries
+from scalemix.choices import CANARY_KINDS
 
 
 @torch.no_grad()

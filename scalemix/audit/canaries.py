@@ -34,10 +34,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from scalemix.choices import CANARY_KINDS
 from scalemix.engine.base import clip_factors
 from scalemix.errors import ConfigError
 
-CANARY_KINDS = ("gradient", "input")
 FILE = "audit/canaries.npz"
 
 

@@ -109,16 +109,37 @@ def ablate(
     log(
         f"grid {g.name}{f' (preset {preset})' if preset else ''}: {len(cells)} cells -> {out} ({executor}, {workers} worker(s))"
     )
-    c = run_grid(
-        g,
-        out,
-        workers=workers,
-        executor=executor,
-        retry_failed=retry_failed,
-        wandb=tracking,
-        slurm=slurm,
-        log=log,
-    )
+    import signal
+    import sys
+
+    from scalemix.train.signals import interrupt_on_sigterm
+
+    try:
+        with interrupt_on_sigterm():
+            c = run_grid(
+                g,
+                out,
+                workers=workers,
+                executor=executor,
+                retry_failed=retry_failed,
+                wandb=tracking,
+                slurm=slurm,
+                log=log,
+            )
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the summary is not interrupted
+        import shlex
+
+        from scalemix.ablate.store import GridDir, counts
+
+        c = counts(GridDir(out).table())
+        typer.echo(
+            f"interrupted: {c['done']} done, {c['failed']} failed, {c['diverged']} diverged, "
+            f"{c['pending'] + c['running']} not finished (their checkpoints are kept).\n"
+            f"Resume with: scalemix {shlex.join(sys.argv[1:])}",
+            err=True,
+        )
+        return 130
     typer.echo(json.dumps({"grid": g.name, "out": str(out), "counts": c}))
     if c["failed"]:
         log(

@@ -25,6 +25,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",  # docstring paragraphs reflow to the terminal width
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.command("train")(train_cmd.train)

@@ -6,11 +6,11 @@ import json
 
 import typer
 
-from scalemix.models import create_model, describe_models
-
 
 def models(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """List the architectures, their default axes and the axes each accepts."""
+    from scalemix.models import create_model, describe_models
+
     rows = describe_models()
     for r in rows:
         r["num_params"] = sum(p.numel() for p in create_model(r["name"]).parameters())

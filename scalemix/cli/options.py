@@ -16,7 +16,7 @@ MODEL_PANEL = "Model (default: the architecture's; see 'scalemix models')"
 ModelName = Annotated[
     str,
     typer.Option(
-        help="Architecture: resnet9, resnet18, resnet50, wrn16_4, wrn40_4, nf_resnet.",
+        help="Architecture: resnet9, resnet9_tiny, resnet18, resnet50, wrn16_4, wrn40_4, nf_resnet (see `scalemix models`).",
         rich_help_panel=MODEL_PANEL,
     ),
 ]

@@ -21,8 +21,8 @@ from scalemix.cli.options import (
     WandbProject,
 )
 from scalemix.errors import ConfigError
-from scalemix.train import RunDir, TrainConfig
-from scalemix.train import train as run_training
+from scalemix.train.config import TrainConfig
+from scalemix.train.rundir import RunDir
 
 DATA, PRIVACY, OPTIM, RUN = "Data", "Privacy", "Optimisation", "Run"
 DIAG, TRACK = "Diagnostics", "Weights & Biases"
@@ -226,6 +226,20 @@ def train(
         rich_help_panel=RUN,
     ),
     threads: Optional[int] = typer.Option(None, help="CPU threads for torch.", rich_help_panel=RUN),
+    config: Optional[Path] = typer.Option(
+        None,
+        "--config",
+        help="Start from a configuration file: a run's config.json (re-run it) or a TOML of "
+        "fields (top level or a grid's [base] table). Precedence: defaults < --config < "
+        "flags given < --set.",
+        rich_help_panel=RUN,
+    ),
+    set_: list[str] = typer.Option(
+        [],
+        "--set",
+        help="Override any field: --set lr=2e-3 --set aug=crop (TOML values; last wins).",
+        rich_help_panel=RUN,
+    ),
     quiet: bool = typer.Option(
         False, "--quiet", "-q", help="No progress bar or epoch lines.", rich_help_panel=RUN
     ),
@@ -238,7 +252,7 @@ def train(
     reported accuracy is the final step's, never the best epoch's.
     """
     values = dict(ctx.params)
-    for k in ("resume", "resume_diverged", "quiet", "no_ema", *TRACKING_FLAGS):
+    for k in ("resume", "resume_diverged", "quiet", "no_ema", "config", "set_", *TRACKING_FLAGS):
         values.pop(k)
     if no_ema:
         values["ema"] = None
@@ -248,7 +262,11 @@ def train(
         values["epsilon"] = None
     if non_private:
         values["epsilon"] = None
-    cfg = TrainConfig(**values).validate()
+    if config is not None or set_:
+        values = _layered(ctx, values, config, set_, quiet)
+    cfg = TrainConfig.from_dict(values).validate()
+
+    from scalemix.train.loop import train as run_training
 
     resume = resume or resume_diverged
     if resume:
@@ -284,14 +302,23 @@ def train(
         tracking = WandbSettings(
             project=wandb_project, entity=wandb_entity, group=wandb_group, job_type="train"
         )
-    result = run_training(
-        cfg,
-        resume=resume,
-        resume_diverged=resume_diverged,
-        progress=not quiet,
-        log=log,
-        wandb=tracking,
-    )
+    try:
+        result = run_training(
+            cfg,
+            resume=resume,
+            resume_diverged=resume_diverged,
+            progress=not quiet,
+            log=log,
+            wandb=tracking,
+        )
+    except KeyboardInterrupt:
+        ckpt = RunDir(cfg.out).checkpoint
+        where = "a checkpoint is saved" if ckpt.exists() else "no step was finished"
+        typer.echo(
+            f"interrupted; {where}. Resume with: scalemix train --out {cfg.out} --resume",
+            err=True,
+        )
+        return 130
     typer.echo(json.dumps({k: result[k] for k in _SHOWN if k in result}))
     if result.get("epsilon_assumes") and not quiet:
         log(f"note: {result['epsilon_assumes']}")
@@ -325,6 +352,65 @@ _SHOWN = (
     "images_per_second",
     "train_seconds",
 )
+
+
+def _layered(ctx: typer.Context, flags: dict, config: Path | None, sets: list[str], quiet: bool):
+    """defaults < --config FILE < flags given on the command line < --set; says which
+    fields each layer set."""
+    from scalemix.ablate.grid import parse_sets
+
+    values = TrainConfig().as_dict()
+    layers = []
+    if config is not None:
+        from_file = load_config_file(config)
+        TrainConfig.from_dict({**values, **from_file})  # unknown keys: one error line
+        values.update(from_file)
+        layers.append(f"{config} ({len(from_file)} fields)")
+    given = {
+        p.name
+        for p in ctx.command.params
+        if ctx.get_parameter_source(p.name) == ParameterSource.COMMANDLINE and p.name in flags
+    }
+    if "sigma" in given or "non_private" in given:
+        given.add("epsilon")
+    if ctx.get_parameter_source("no_ema") == ParameterSource.COMMANDLINE:
+        given.add("ema")
+    values.update({k: flags[k] for k in given})
+    if given:
+        layers.append("flags " + ", ".join(sorted(given)))
+    if sets:
+        overrides = parse_sets(sets)
+        values.update(overrides)
+        layers.append("--set " + ", ".join(overrides))
+    if not quiet:
+        typer.echo("configuration: defaults < " + " < ".join(layers), err=True)
+    return values
+
+
+def load_config_file(path: Path) -> dict:
+    """Fields from a run's config.json ({"config": {...}}) or a TOML file (top level or
+    a grid's [base] table)."""
+    import json as _json
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError(f"--config {p}: no such file")
+    try:
+        if p.suffix == ".json":
+            raw = _json.loads(p.read_text())
+            raw = raw.get("config", raw) if isinstance(raw, dict) else raw
+        else:
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib
+            raw = tomllib.loads(p.read_text())
+            raw = raw.get("base", raw)
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"--config {p}: cannot read it ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"--config {p}: expected a table of configuration fields")
+    return raw
 
 
 def _describe(cfg: TrainConfig) -> str:

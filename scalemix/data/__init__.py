@@ -1,6 +1,7 @@
 """Data: in-memory image sets, downloads, and batched on-device augmentation."""
 
-from scalemix.data.augment import AUGMENTATIONS, augment
+from scalemix.choices import AUGMENTATIONS
+from scalemix.data.augment import augment
 from scalemix.data.datasets import DATASETS, ImageData, load_data, load_public_images, normalize
 
 __all__ = [

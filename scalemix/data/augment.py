@@ -10,12 +10,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-AUGMENTATIONS = (
-    "none",
-    "crop",
-    "crop-flip",
-)  # crop: for data where a mirror changes the class (digits)
-
 
 def augment(
     x: torch.Tensor, k: int, gen: torch.Generator | None, mode: str = "crop-flip", pad: int = 4

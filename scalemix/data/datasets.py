@@ -22,9 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from scalemix.choices import DATASETS
 from scalemix.errors import DataError
-
-DATASETS = ("digits", "cifar10", "imagenette")
 
 
 @dataclass

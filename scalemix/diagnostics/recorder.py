@@ -25,9 +25,9 @@ from contextlib import nullcontext
 import torch
 import torch.nn as nn
 
+from scalemix.choices import DIAG_SOURCES
 from scalemix.diagnostics.hooks import METRICS, BlockProbe
 
-DIAG_SOURCES = ("train", "probe")
 COLUMNS = ["step", "block", "metric", "value", "source"]
 QUANTILES = (0.1, 0.5, 0.9)
 GRAD_LAYER_METRICS = ("grad_norm_p10", "grad_norm_p50", "grad_norm_p90", "grad_snr")

@@ -1,5 +1,6 @@
 """Gradient engines: per-example clipped gradient sums for one physical chunk."""
 
+from scalemix.choices import DP_ENGINES
 from scalemix.engine.base import ChunkResult, Engine, clip_factors
 from scalemix.engine.ghost import GhostEngine
 from scalemix.engine.nonprivate import NonPrivateEngine
@@ -7,7 +8,6 @@ from scalemix.engine.vmap import VmapEngine
 from scalemix.errors import ConfigError
 
 ENGINES = {"scalemix": GhostEngine, "vmap": VmapEngine, "nonprivate": NonPrivateEngine}
-DP_ENGINES = ("scalemix", "vmap")
 
 
 def make_engine(name: str, model, clip: float | None) -> Engine:

@@ -1,8 +1,8 @@
 """The model family: one builder per architecture, every ablation axis an argument."""
 
+from scalemix.choices import BATCH_COUPLED_NORMS
 from scalemix.models.factory import LayerFactory, ModelAxes
 from scalemix.models.layers import (
-    BATCH_COUPLED_NORMS,
     ResidualBlock,
     Tap,
     has_public_bn,

@@ -10,16 +10,9 @@ from dataclasses import asdict, dataclass
 
 import torch.nn as nn
 
+from scalemix.choices import ACTS, NORMS, PLACEMENTS, WS_MODES
 from scalemix.errors import ConfigError
-from scalemix.models.layers import (
-    ACTS,
-    NORMS,
-    PLACEMENTS,
-    WS_MODES,
-    make_act,
-    make_conv,
-    make_norm,
-)
+from scalemix.models.layers import make_act, make_conv, make_norm
 
 
 @dataclass(frozen=True)

@@ -23,16 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from scalemix.choices import ACTS, NORMS, WS_MODES
 from scalemix.errors import ConfigError
-
-NORMS = ("group", "layer", "instance", "none", "public_batch", "batch")
-PLACEMENTS = ("standard", "preact")
-WS_MODES = ("none", "plain", "scaled")
-ACTS = ("relu", "mish", "silu")
-
-# Norms whose output for one example depends on other examples of the batch.
-BATCH_COUPLED_NORMS = ("batch",)
-
 
 # --------------------------------------------------------------------------- norms
 
@@ -129,7 +121,7 @@ def act_gain(name: str) -> float:
 
     For relu this is sqrt(2 / (1 - 1/pi)) ~= 1.7129.
     """
-    z = torch.linspace(-12.0, 12.0, 200_001, dtype=torch.float64)
+    z = torch.linspace(-12.0, 12.0, 200_001, dtype=torch.float64, device="cpu")
     w = torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi) * (z[1] - z[0])
     g = _ACT_FNS[name](z)
     mean = (w * g).sum()

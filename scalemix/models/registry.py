@@ -148,7 +148,7 @@ register_model(
 
 def describe_models() -> list[dict]:
     """One row per architecture: name, parameters, defaults, fixed axes, what it is."""
-    from scalemix.models.layers import ACTS, NORMS, PLACEMENTS, WS_MODES
+    from scalemix.choices import ACTS, NORMS, PLACEMENTS, WS_MODES
 
     rows = []
     for name in list_models():

@@ -1,8 +1,9 @@
 """Privacy: accountants, sigma calibration, the randomness model, samplers and noise."""
 
-from scalemix.privacy.accounting import ACCOUNTANTS, Ledger, check_sampler, epsilon_for, sigma_for
-from scalemix.privacy.randomness import NOISE_MODES, RunRandomness, SecretStream
-from scalemix.privacy.sampling import SAMPLERS, NoiseSource, PoissonSampler, ShuffleSampler
+from scalemix.choices import ACCOUNTANTS, NOISE_MODES, SAMPLERS
+from scalemix.privacy.accounting import Ledger, check_sampler, epsilon_for, sigma_for
+from scalemix.privacy.randomness import RunRandomness, SecretStream
+from scalemix.privacy.sampling import NoiseSource, PoissonSampler, ShuffleSampler
 
 __all__ = [
     "ACCOUNTANTS",

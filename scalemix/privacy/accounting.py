@@ -12,9 +12,9 @@ import functools
 import math
 import warnings
 
+from scalemix.choices import ACCOUNTANTS
 from scalemix.errors import ConfigError, PrivacyError
 
-ACCOUNTANTS = ("prv", "rdp")
 # PRV returns an upper bound: its estimate plus this absolute error. Reported epsilons use
 # the tight bound; calibration uses the looser, faster one (an upper bound too, so the
 # tight epsilon of a calibrated sigma is still at most the target).

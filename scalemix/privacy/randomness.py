@@ -51,9 +51,9 @@ from pathlib import Path
 
 import torch
 
+from scalemix.choices import NOISE_MODES
 from scalemix.errors import ConfigError
 
-NOISE_MODES = ("secure", "seeded")
 SECRET_STREAMS = ("sampler", "noise")
 KEY_BYTES = 32
 SEED_KEY_ENV = "SCALEMIX_SEED_KEY"

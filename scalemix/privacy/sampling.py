@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from scalemix.privacy.randomness import NOISE_MODES, SecretStream
-
-SAMPLERS = ("poisson", "shuffle")
+from scalemix.choices import NOISE_MODES, SAMPLERS
+from scalemix.privacy.randomness import SecretStream
 
 __all__ = ["NOISE_MODES", "SAMPLERS", "NoiseSource", "PoissonSampler", "ShuffleSampler"]
 

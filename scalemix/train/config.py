@@ -11,15 +11,21 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields, replace
 
-from scalemix.data import AUGMENTATIONS, DATASETS
-from scalemix.diagnostics.recorder import DIAG_SOURCES
+from scalemix.choices import (
+    ACCOUNTANTS,
+    AUGMENTATIONS,
+    BATCH_COUPLED_NORMS,
+    CANARY_KINDS,
+    DATASETS,
+    DEVICES,
+    DIAG_SOURCES,
+    DP_ENGINES,
+    NOISE_MODES,
+    OPTIMIZERS,
+    SAMPLERS,
+    SCHEDULES,
+)
 from scalemix.errors import ConfigError, PrivacyError
-from scalemix.models import BATCH_COUPLED_NORMS, resolve_axes
-from scalemix.privacy import ACCOUNTANTS, NOISE_MODES, SAMPLERS
-
-OPTIMIZERS = ("sgd", "momentum", "nadam")
-SCHEDULES = ("constant", "cosine")
-DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -85,10 +91,15 @@ class TrainConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ConfigError(f"unknown configuration keys: {', '.join(sorted(unknown))}")
+            raise ConfigError(
+                f"unknown configuration keys: {', '.join(sorted(unknown))} "
+                f"(the fields are those of 'scalemix train --help', with _ for -)"
+            )
         return cls(**d)
 
     def model_axes(self):
+        from scalemix.models import resolve_axes
+
         return resolve_axes(
             self.model,
             norm=self.norm,
@@ -99,8 +110,45 @@ class TrainConfig:
             act=self.act,
         )
 
+    def check_types(self) -> TrainConfig:
+        """Every field has its declared type (a string from a config file or --set that
+        should be a number is named here, before anything else reads it)."""
+        for f in fields(self):
+            v, t = getattr(self, f.name), str(f.type)
+            optional = "None" in t
+            base = t.replace(" | None", "").strip()
+            flag = "--" + f.name.replace("_", "-")
+            if v is None:
+                if optional:
+                    continue
+                raise ConfigError(f"{flag} needs a value ({base})")
+            ok = {
+                "int": isinstance(v, int) and not isinstance(v, bool),
+                "float": isinstance(v, (int, float)) and not isinstance(v, bool),
+                "bool": isinstance(v, bool),
+                "str": isinstance(v, str),
+            }[base]
+            if ok and base == "float" and not math.isfinite(v):
+                ok = False
+            if not ok:
+                kind = {"int": "an integer", "float": "a finite number"}.get(base, f"a {base}")
+                raise ConfigError(f"{flag} must be {kind}, got {v!r}")
+        return self
+
+    def check_model(self) -> None:
+        """Build the model on torch's meta device (no memory, no compute): a group count
+        that does not divide some layer, or an axis the architecture refuses, is found
+        here, before any run starts."""
+        import torch
+
+        from scalemix.models import create_model
+
+        with torch.device("meta"):
+            create_model(self.model, **self.model_axes().as_dict())
+
     def validate(self) -> TrainConfig:
         """Check every field; raise ConfigError / PrivacyError with what to do."""
+        self.check_types()
 
         def choice(value, allowed, flag):
             if value not in allowed:
@@ -135,19 +183,22 @@ class TrainConfig:
                 f"--diag-every must be >= 0 (0: off) and --diag-probe-size >= 1, "
                 f"got {self.diag_every} and {self.diag_probe_size}"
             )
-        from scalemix.audit.canaries import CANARY_KINDS
-
         choice(self.canary_kind, CANARY_KINDS, "--canary-kind")
         if self.audit_canaries < 0 or (self.audit_canaries and self.sampler != "poisson"):
             raise ConfigError(
                 f"--audit-canaries must be >= 0 and needs --sampler poisson, got "
                 f"{self.audit_canaries} with {self.sampler}"
             )
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {self.threads}")
+        if self.image_size is not None and not 4 <= self.image_size <= 1024:
+            raise ConfigError(f"--image-size must be in 4..1024, got {self.image_size}")
         if self.public_size < 0:
             raise ConfigError(f"--public-size must be >= 0, got {self.public_size}")
         if self.aug_mult > 1 and self.aug == "none":
             raise ConfigError(f"--aug-mult {self.aug_mult} needs augmentation: add --aug crop-flip")
         axes = self.model_axes()
+        self.check_model()
         if axes.norm == "public_batch" and self.public_size < 1:
             raise ConfigError(
                 "--norm public_batch needs --public-size N (examples held out as public data)"
@@ -176,7 +227,5 @@ class TrainConfig:
                 raise ConfigError(f"--sigma must be a positive number, got {self.sigma}")
         elif self.epsilon is None or not (math.isfinite(self.epsilon) and self.epsilon > 0):
             raise ConfigError(f"--epsilon must be a positive number, got {self.epsilon}")
-        from scalemix.engine import DP_ENGINES
-
         choice(self.engine, DP_ENGINES, "--engine")
         return self

@@ -20,8 +20,6 @@ import os
 import tempfile
 from pathlib import Path
 
-import torch
-
 FINAL_STATUSES = ("done", "diverged", "failed")
 
 
@@ -54,6 +52,8 @@ def read_json(path: Path) -> dict | None:
 
 
 def save_atomic(obj, path: Path) -> None:
+    import torch
+
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     torch.save(obj, tmp)
