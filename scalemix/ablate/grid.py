@@ -278,6 +278,14 @@ def load_grid(name_or_path: str, preset: str | None = None, sets: dict | None = 
     if not seeds or not all(isinstance(s, int) for s in seeds):
         raise ConfigError(f"grid file {path}: seeds must be a non-empty list of integers")
     sets = dict(sets or {})
+    for where, fields_ in (("--set", sets), (f"grid file {path} [base]", base)):
+        if "seed" in fields_:
+            raise ConfigError(
+                f"{where}: seed is set per cell from the grid's seeds; use seeds = [0, 1, 2] "
+                "(--set seeds=[0,1,2])"
+            )
+        if "out" in fields_:
+            raise ConfigError(f"{where}: out is chosen per cell; use 'scalemix ablate --out DIR'")
     for k in list(sets):
         if k == "seeds":
             v = sets.pop(k)

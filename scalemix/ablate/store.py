@@ -107,8 +107,17 @@ class GridDir:
     def plan(self) -> dict:
         plan = self.read_plan()
         if plan is None:
+            if not self.root.exists():
+                raise ConfigError(f"{self.root} does not exist; give a grid directory")
+            if (self.root / "config.json").exists() or (self.root / "result.json").exists():
+                raise ConfigError(
+                    f"{self.root} is a single training run, not a grid: its result is in "
+                    f"{self.root / 'result.json'} (and 'scalemix audit {self.root}' for an "
+                    "audited run); reports compare the cells of a grid made by 'scalemix ablate'"
+                )
             raise ConfigError(
-                f"{self.root} is not a grid directory (no {PLAN}); run 'scalemix ablate --grid NAME --out {self.root}'"
+                f"{self.root} is not a grid directory (no {PLAN}); grids are made by "
+                "'scalemix ablate --grid NAME' (see 'scalemix grids')"
             )
         return plan
 

@@ -13,7 +13,9 @@ from scalemix.errors import ConfigError
 
 
 def spp(
-    out: Path = typer.Option(..., "--out", "-o", help="Figure file (.png or .pdf)."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", "-o", help="Figure file, .png or .pdf (default: ./spp-MODEL.png)."
+    ),
     model: ModelName = "resnet9",
     norm: Norm = None,
     groups: Groups = None,
@@ -38,6 +40,7 @@ def spp(
     from scalemix.diagnostics.spp import plot_spp, signal_propagation
     from scalemix.models import create_model
 
+    out = out or Path(f"spp-{model}.png")
     if out.suffix.lower() not in (".png", ".pdf"):
         raise ConfigError(f"--out {out}: give a .png or .pdf file")
     if batch < 2:

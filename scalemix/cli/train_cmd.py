@@ -363,7 +363,8 @@ def _layered(ctx: typer.Context, flags: dict, config: Path | None, sets: list[st
     layers = []
     if config is not None:
         from_file = load_config_file(config)
-        TrainConfig.from_dict({**values, **from_file})  # unknown keys: one error line
+        # the file's values are checked on their own, even where a later layer overrides them
+        TrainConfig.from_dict({**values, **from_file}).check_types()
         values.update(from_file)
         layers.append(f"{config} ({len(from_file)} fields)")
     given = {

@@ -61,6 +61,7 @@ class TrainingDiagnostics:
         probe_x: torch.Tensor | None = None,
         sigma: float = 0.0,
         clip: float | None = None,
+        last_step: int | None = None,
     ):
         if source not in DIAG_SOURCES:
             raise ValueError(f"diagnostics source {source!r} is not one of {DIAG_SOURCES}")
@@ -69,6 +70,7 @@ class TrainingDiagnostics:
         self.model, self.engine = model, engine
         self.every, self.source, self.probe_x = every, source, probe_x
         self.sigma, self.clip = sigma, clip
+        self.last_step = last_step
         self.probe = BlockProbe(model)
         self.probe.enabled = False
         self.layers = layer_groups(engine.names)
@@ -101,8 +103,8 @@ class TrainingDiagnostics:
         return "heldout" if self.source == "probe" else "train"
 
     def due(self, step: int) -> bool:
-        """Log at step 1 (near initialisation) and every ``every`` steps."""
-        return self.every > 0 and (step == 1 or step % self.every == 0)
+        """Log at step 1 (near initialisation), every ``every`` steps, and the last step."""
+        return self.every > 0 and (step in (1, self.last_step) or step % self.every == 0)
 
     def begin_step(self, step: int) -> None:
         self.active = self.due(step)

@@ -68,6 +68,7 @@ def plot_spp(curves: dict[str, list[dict]], path: str, title: str = "") -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker as mticker
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for label, rows in curves.items():
@@ -86,9 +87,14 @@ def plot_spp(curves: dict[str, list[dict]], path: str, title: str = "") -> None:
         ),
     ):
         ax.set_title(key, fontsize=10)
-        ax.set_xticks(ticks, names, fontsize=8)
+        ax.set_xticks(ticks, names, fontsize=8, rotation=35, ha="right")
         ax.set_xlabel("block output after the addition (0 = stem output)", fontsize=9)
         ax.set_yscale("log")
+        # Label 1-2-5 ticks: a range within a decade or two keeps readable numbers.
+        ax.yaxis.set_minor_locator(mticker.LogLocator(subs=(2.0, 5.0)))
+        ax.yaxis.set_major_formatter(mticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(mticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.tick_params(axis="y", which="both", labelsize=8)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle(title or "Signal propagation at initialisation", fontsize=11)

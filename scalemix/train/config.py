@@ -189,6 +189,8 @@ class TrainConfig:
                 f"--audit-canaries must be >= 0 and needs --sampler poisson, got "
                 f"{self.audit_canaries} with {self.sampler}"
             )
+        if self.seed < 0:
+            raise ConfigError(f"--seed must be >= 0, got {self.seed}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"--threads must be >= 1, got {self.threads}")
         if self.image_size is not None and not 4 <= self.image_size <= 1024:

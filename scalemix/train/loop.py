@@ -248,6 +248,7 @@ class Trainer:
             probe_x=probe_x,
             sigma=self.sigma,
             clip=cfg.clip if self.private else None,
+            last_step=self.total_steps,
         )
         self.last_diag: list[dict] = []
 
@@ -449,7 +450,7 @@ class Trainer:
         b = len(idx)
         row = {
             "step": self.step + 1,
-            "epoch": (self.step + 1) / self.steps_per_epoch,
+            "epoch": (self.step + 1) * self.q,  # expected passes over the data
             "batch": b,
             "loss": float(loss_sum) / max(b, 1),
             "train_acc": float(correct) / max(b, 1),
@@ -516,7 +517,7 @@ class Trainer:
         acc, loss = self.evaluate(self.model)
         row = {
             "step": self.step,
-            "epoch": self.step / self.steps_per_epoch,
+            "epoch": self.step * self.q,
             "epsilon": self.epsilon(),
             "test_acc": acc,
             "test_loss": loss,
@@ -620,6 +621,12 @@ class Trainer:
         """Train to the planned step count; write result.json; return the result."""
         if self.resumed_from is not None:
             self.log(f"resuming {self.run_dir.root} from step {self.step}/{self.total_steps}")
+        else:
+            self.log(
+                f"{self.cfg.epochs:g} epochs = {self.total_steps} steps at sampling rate "
+                f"q = {self.q:.4g} ({self.total_steps * self.q:.2f} expected passes over "
+                f"{self.n} examples)"
+            )
         bar = None
         heartbeat = self.progress and not sys.stderr.isatty()  # no bar: a line every 30 s
         last_beat = time.monotonic()
