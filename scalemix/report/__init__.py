@@ -54,8 +54,16 @@ def _pct(x) -> str:
     return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
 
 
-def _p(x) -> str:
+def _p(x, n: int | None = None) -> str:
+    if n is not None and n < 2:
+        return f"not testable (n = {n})"
     return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3g}"
+
+
+def _ci(lo, hi, scale: float = 1.0, fmt: str = "+.2f") -> str:
+    if lo is None or (isinstance(lo, float) and math.isnan(lo)):
+        return ""
+    return f"{scale * lo:{fmt}} to {scale * hi:{fmt}}"
 
 
 def display_tables(an) -> dict[str, pd.DataFrame]:
@@ -63,9 +71,17 @@ def display_tables(an) -> dict[str, pd.DataFrame]:
     cells = an.cells.copy()
     out_cells = cells[an.axes].astype(str)
     out_cells["n"] = cells["n"].astype(int)
+    out_cells["failed/diverged"] = [
+        f"{int(f)}/{int(d)} of {int(p)}"
+        for f, d, p in zip(cells["failed"], cells["diverged"], cells["planned"])
+    ]
     out_cells["mean %"] = cells["mean"].map(_pct)
     out_cells["sd"] = cells["std"].map(_pct)
-    out_cells["95% CI"] = [f"{_pct(a)}-{_pct(b)}" for a, b in zip(cells.ci_low, cells.ci_high)]
+    out_cells["95% CI"] = [
+        f"{_pct(a)}-{_pct(b)}" if not math.isnan(a) else ""
+        for a, b in zip(cells.ci_low, cells.ci_high)
+    ]
+    out_cells["CI method"] = cells["ci_method"]
     out_cells["IQM %"] = cells["iqm"].map(lambda v: _pct(v) if v is not None else "")
     comp = an.comparisons
     if comp.empty:
@@ -76,15 +92,19 @@ def display_tables(an) -> dict[str, pd.DataFrame]:
         out_comp.insert(0, "b vs a", comp["b"] + " vs " + comp["a"])
         out_comp["n"] = comp["n"].astype(int)
         out_comp["diff (pts)"] = comp.mean_diff.map(lambda v: f"{100 * v:+.2f}")
-        out_comp["95% CI"] = [
-            f"{100 * a:+.2f} to {100 * b:+.2f}" if not math.isnan(a) else ""
-            for a, b in zip(comp.ci_low, comp.ci_high)
+        out_comp["95% CI (paired t)"] = [_ci(a, b, 100) for a, b in zip(comp.ci_low, comp.ci_high)]
+        out_comp["p (t), uncorr."] = [_p(p, n) for p, n in zip(comp.p_t, comp.n)]
+        out_comp["p Holm (report)"] = [_p(p, n) for p, n in zip(comp.p_holm, comp.n)]
+        out_comp["p (W), Holm"] = [_p(p, n) for p, n in zip(comp.p_wilcoxon_holm, comp.n)]
+        out_comp["g_z [95% CI]"] = [
+            "" if math.isnan(g) else f"{g:+.2f} [{lo:+.2f}, {hi:+.2f}]"
+            for g, lo, hi in zip(comp.effect_gz, comp.gz_low, comp.gz_high)
         ]
-        out_comp["p (t)"] = comp.p_t.map(_p)
-        out_comp["p Holm"] = comp.p_holm.map(_p)
-        out_comp["p (W)"] = comp.p_wilcoxon.map(_p)
-        out_comp["d_z"] = comp.effect_dz.map(lambda v: "" if math.isnan(v) else f"{v:+.2f}")
-        out_comp["P(b>a)"] = comp.prob_improvement.map(lambda v: f"{v:.2f}")
+        out_comp["P(b>a) [95% CI]"] = [
+            f"{p:.2f} [{lo:.2f}, {hi:.2f}]"
+            for p, lo, hi in zip(comp.prob_improvement, comp.poi_low, comp.poi_high)
+        ]
+        out_comp["seeds won"] = [f"{int(w)}/{int(n)}" for w, n in zip(comp.wins, comp.n)]
     rows = []
     for _, r in an.omnibus.iterrows():
         where = ", ".join(f"{a}={r[a]}" for a in an.axes if a != an.primary and a in r)
@@ -94,17 +114,27 @@ def display_tables(an) -> dict[str, pd.DataFrame]:
                 "where": where or "all",
                 "statistic": f"{r.statistic:.3g}",
                 "p": _p(r.p),
-                "p Holm": _p(r.p_holm),
+                "p Holm": _p(r.p_holm) + " (report)",
+            }
+        )
+    for _, r in an.grid_model.iterrows():
+        rows.append(
+            {
+                "test": f"grid model: {r.term}",
+                "where": r.model,
+                "statistic": f"F {r.F:.3g} (df {r.df})",
+                "p": _p(r.p),
+                "p Holm": "model test",
             }
         )
     for _, r in an.correlations.iterrows():
         rows.append(
             {
-                "test": f"Spearman: {r.summary} vs accuracy",
+                "test": f"Spearman: final log2 scale ratio vs accuracy, {r.part}",
                 "where": f"n = {r.n}",
                 "statistic": f"rho {r.rho:+.2f} [{r.ci_low:+.2f}, {r.ci_high:+.2f}]",
                 "p": _p(r.p),
-                "p Holm": _p(r.p_holm),
+                "p Holm": "exploratory, uncorrected",
             }
         )
     return {"cells": out_cells, "comparisons": out_comp, "omnibus_corr": pd.DataFrame(rows)}

@@ -4,7 +4,9 @@ The metric is the final test accuracy of each run (never the best epoch). The gr
 ``[report]`` table names the ``primary`` axis (many-valued: omnibus test, x axis) and
 optionally a two-level ``paired`` axis compared on shared seeds at each primary value.
 Without a paired axis, each primary level is compared with the first listed (the
-baseline). Each family of comparisons is Holm-corrected.
+baseline). The paired comparisons and omnibus tests are the primary questions, corrected
+together by one report-wide Holm; Wilcoxon p-values get their own Holm; correlations are
+exploratory and marked uncorrected.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import pandas as pd
 
 from scalemix.report import stats as st
@@ -29,9 +32,12 @@ class Analysis:
     metric: str
     runs: pd.DataFrame
     cells: pd.DataFrame  # one row per axes combination: n, mean, std, ci, iqm
-    comparisons: pd.DataFrame  # one row per paired comparison (Holm within the family)
+    comparisons: pd.DataFrame  # one row per paired comparison (report-wide Holm)
     omnibus: pd.DataFrame  # one row per omnibus test
-    correlations: pd.DataFrame  # scale-mixing summaries vs accuracy
+    correlations: pd.DataFrame  # scale mixing vs accuracy: between / within configurations
+    grid_model: pd.DataFrame = field(default_factory=pd.DataFrame)  # one model, every term
+    power: dict = field(default_factory=dict)  # what the grid can resolve
+    sensitivity: pd.DataFrame = field(default_factory=pd.DataFrame)  # failures as chance
     findings: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
@@ -59,9 +65,15 @@ def analyse(runs: pd.DataFrame, plan: dict, metric: str = METRIC) -> Analysis:
 
     # ---- per cell
     rows = []
-    for key, g in done.groupby(axes, sort=False, dropna=False):
+    for key, g_all in runs.groupby(axes, sort=False, dropna=False):  # every planned cell
         key = key if isinstance(key, tuple) else (key,)
+        g = g_all[g_all.status == "done"].copy()
+        g[metric] = g[metric].astype(float)
         row = {**dict(zip(axes, key)), **st.describe(g[metric]).as_dict()}
+        row["planned"] = len(g_all)
+        row["failed"] = int((g_all.status == "failed").sum())
+        row["diverged"] = int((g_all.status == "diverged").sum())
+        row["divergence_rate"] = row["diverged"] / len(g_all)
         if "epsilon_lower_bound" in g and g.epsilon_lower_bound.notna().any():
             lb = g.epsilon_lower_bound.astype(float)
             row["eps_lower_bound_max"] = float(lb.max())  # the audit: largest over seeds
@@ -88,9 +100,6 @@ def analyse(runs: pd.DataFrame, plan: dict, metric: str = METRIC) -> Analysis:
             done, primary, pairs, others, f"{primary}: each vs {levels[0]}", metric
         )
     comparisons = pd.DataFrame(comps)
-    if not comparisons.empty:
-        for idx in comparisons.groupby("family").groups.values():
-            comparisons.loc[idx, "p_holm"] = st.holm(comparisons.loc[idx, "p_t"].values)
 
     # ---- omnibus across the primary axis (within each level of the other axes)
     omni = []
@@ -103,23 +112,29 @@ def analyse(runs: pd.DataFrame, plan: dict, metric: str = METRIC) -> Analysis:
             lvl: dict(zip(g[g[primary] == lvl].seed, g[g[primary] == lvl][metric]))
             for lvl in by_level
         }
+        if len(by_level) < 3:  # a two-level axis: its paired comparisons are the test
+            continue
         res = st.omnibus(by_level, blocked)
         if res is not None:
             omni.append({**dict(zip(strata, key)), **res.__dict__})
     omnibus = pd.DataFrame(omni)
-    if not omnibus.empty:
-        omnibus["p_holm"] = st.holm(omnibus["p"].values)
 
-    # ---- scale mixing vs accuracy
-    corr = []
-    diag_cols = [c for c in done.columns if c.startswith(("final_log2_ratio", "mean_log2_ratio"))]
-    for col in diag_cols:
-        r = st.spearman(done[col].astype(float), done[metric])
-        if r is not None:
-            corr.append({"summary": col, **r.__dict__})
-    correlations = pd.DataFrame(corr)
-    if not correlations.empty:
-        correlations["p_holm"] = st.holm(correlations["p"].values)
+    # ---- the multiplicity plan: the paired comparisons and omnibus tests are the primary
+    # (confirmatory) questions, corrected together with one report-wide Holm; Wilcoxon
+    # p-values (robustness) get their own Holm; correlations are exploratory, uncorrected.
+    primary_p = list(comparisons.get("p_t", pd.Series(dtype=float))) + list(
+        omnibus.get("p", pd.Series(dtype=float))
+    )
+    adjusted = st.holm(primary_p)
+    if not comparisons.empty:
+        comparisons["p_holm"] = adjusted[: len(comparisons)]
+        comparisons["p_wilcoxon_holm"] = st.holm(comparisons["p_wilcoxon"].values)
+    if not omnibus.empty:
+        omnibus["p_holm"] = adjusted[len(comparisons) :]
+
+    # ---- scale mixing vs accuracy, without pseudo-replication: between configurations
+    # (cell means) and within configurations (each seed's deviation from its cell mean)
+    correlations = scale_mixing_association(done, axes, metric)
 
     an = Analysis(
         grid=grid["name"],
@@ -134,8 +149,191 @@ def analyse(runs: pd.DataFrame, plan: dict, metric: str = METRIC) -> Analysis:
         omnibus=omnibus,
         correlations=correlations,
     )
+    an.grid_model = grid_model(done, axes, metric)
+    an.power = power_summary(an)
+    an.sensitivity = sensitivity(runs, plan, axes, primary, paired_axis, others, metric)
     an.findings, an.warnings = findings(an)
     return an
+
+
+SCALE_SUMMARY = "final_log2_ratio"  # the one primary scale-mixing summary
+
+
+def scale_mixing_association(done: pd.DataFrame, axes: list, metric: str) -> pd.DataFrame:
+    """Spearman between the final log2 scale ratio (mean over blocks) and accuracy, split
+    into a between-configuration part (n = configurations) and a within-configuration
+    part (seed deviations from their cell's mean); both exploratory."""
+    if SCALE_SUMMARY not in done or done[SCALE_SUMMARY].isna().all():
+        return pd.DataFrame()
+    d = done[[*axes, SCALE_SUMMARY, metric]].dropna().copy()
+    d[SCALE_SUMMARY] = d[SCALE_SUMMARY].astype(float)
+    means = d.groupby(axes, sort=False, dropna=False)[[SCALE_SUMMARY, metric]].transform("mean")
+    rows = []
+    cells = d.groupby(axes, sort=False, dropna=False)[[SCALE_SUMMARY, metric]].mean()
+    for part, x, y in (
+        ("between configurations", cells[SCALE_SUMMARY], cells[metric]),
+        (
+            "within configurations",
+            d[SCALE_SUMMARY] - means[SCALE_SUMMARY],
+            d[metric] - means[metric],
+        ),
+    ):
+        r = st.spearman(x.values, y.values)
+        if r is not None:
+            rows.append({"summary": SCALE_SUMMARY, "part": part, **r.__dict__, "p_holm": math.nan})
+    return pd.DataFrame(rows)
+
+
+def grid_model(done: pd.DataFrame, axes: list, metric: str) -> pd.DataFrame:
+    """One model for the whole grid: accuracy ~ axes with all their interactions, seed as
+    a blocking effect (statsmodels AnovaRM: repeated-measures ANOVA) when every seed has
+    every cell, else a mixed model with a random intercept per seed (MixedLM, Wald tests)."""
+    import warnings
+
+    d = done[[*axes, "seed", metric]].dropna().copy()
+    for a in axes:
+        d[a] = d[a].astype(str)
+    cells = d.groupby(axes, dropna=False).ngroups
+    seeds = d.seed.nunique()
+    if seeds < 2 or cells < 2:
+        return pd.DataFrame()
+    balanced = len(d) == cells * seeds and (d.groupby("seed").size() == cells).all()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if balanced:
+                from statsmodels.stats.anova import AnovaRM
+
+                tab = AnovaRM(d, metric, "seed", within=axes).fit().anova_table
+                return pd.DataFrame(
+                    {
+                        "term": [t.replace(":", " x ") for t in tab.index],
+                        "F": tab["F Value"].values,
+                        "df": [f"{a:g}, {b:g}" for a, b in zip(tab["Num DF"], tab["Den DF"])],
+                        "p": tab["Pr > F"].values,
+                        "model": "repeated-measures ANOVA (AnovaRM), seed as block",
+                    }
+                )
+            import statsmodels.formula.api as smf
+
+            formula = f"{metric} ~ " + " * ".join(f"C({a})" for a in axes)
+            fit = smf.mixedlm(formula, d, groups=d["seed"]).fit(reml=True)
+            wt = fit.wald_test_terms(scalar=True).table
+            wt = wt[wt.index != "Intercept"]
+            return pd.DataFrame(
+                {
+                    "term": [
+                        t.replace("C(", "").replace(")", "").replace(":", " x ") for t in wt.index
+                    ],
+                    "F": wt["statistic"].values,
+                    "df": [str(v) for v in wt["df_constraint"].values],
+                    "p": wt["pvalue"].values,
+                    "model": "mixed model (MixedLM), random intercept per seed, Wald chi2",
+                }
+            )
+    except Exception as e:  # pragma: no cover - a degenerate grid: say so
+        return pd.DataFrame(
+            [
+                {
+                    "term": "model not estimable",
+                    "F": math.nan,
+                    "df": "",
+                    "p": math.nan,
+                    "model": str(e)[:80],
+                }
+            ]
+        )
+
+
+def selection_cost(runs: pd.DataFrame) -> str | None:
+    """The privacy of choosing the best configuration of the grid, as a number: releasing
+    the choice reads every run, and every run saw the same private data, so by basic
+    composition (Dwork & Roth 2014, Thm 3.16) it is (sum of epsilons, sum of deltas)-DP."""
+    done = (
+        runs[(runs.status == "done") & runs.epsilon_spent.notna()]
+        if "epsilon_spent" in runs
+        else runs[:0]
+    )
+    if done.empty:
+        return None
+    k = len(done)
+    eps = float(done.epsilon_spent.astype(float).sum())
+    delta = float(done.delta.astype(float).sum()) if "delta" in done else math.nan
+    one = float(done.epsilon_spent.astype(float).max())
+    return (
+        f"Choosing the best configuration from these {k} runs is a computation on all of them; "
+        f"by basic composition the choice is ({eps:.3g}, {delta:.2g})-DP, against ({one:.3g}, "
+        f"{float(done.delta.astype(float).max()):.2g}) for one run. Papernot & Steinke (2022) "
+        "show that a random number of runs (e.g. Poisson) and releasing only the best costs "
+        "only a small multiple of one run's epsilon; this grid ran a fixed set, so composition "
+        "is the bound that applies. Select on public data to avoid the cost."
+    )
+
+
+def power_summary(an: Analysis) -> dict:
+    """What the grid can resolve: the test set's binomial error per run, the paired SD,
+    the minimum detectable effect at the current seeds (80 % power, two-sided 0.05) and
+    the seeds needed for 1 and 0.5 points."""
+    from statsmodels.stats.power import TTestPower
+
+    out: dict = {}
+    runs = an.runs[an.runs.status == "done"]
+    n_test = runs.get("test_size")
+    if n_test is not None and n_test.notna().any() and len(runs):
+        p = float(runs[an.metric].astype(float).mean())
+        nt = float(n_test.dropna().iloc[0])
+        out["test_size"] = int(nt)
+        out["binomial_se_points"] = 100 * math.sqrt(p * (1 - p) / nt)
+    comp = an.comparisons
+    if comp.empty or "diffs" not in comp:
+        return out
+    sds = [np.std(d, ddof=1) for d in comp.diffs if len(d) >= 2]
+    if not sds:
+        return out
+    sd = float(math.sqrt(np.mean(np.square(sds))))
+    n = int(comp.n.median())
+    out.update(paired_sd_points=100 * sd, seeds=n)
+    power = TTestPower()
+    if n >= 2 and sd > 0:
+        es = power.solve_power(nobs=n, alpha=st.ALPHA, power=0.8)
+        out["mde_points"] = 100 * es * sd
+    for pts in (1.0, 0.5):
+        if sd > 0:
+            need = power.solve_power(effect_size=(pts / 100) / sd, alpha=st.ALPHA, power=0.8)
+            out[f"seeds_for_{pts:g}_point"] = int(math.ceil(need))
+    return out
+
+
+def sensitivity(runs, plan, axes, primary, paired_axis, others, metric) -> pd.DataFrame:
+    """The paired comparisons again with every failed or diverged run counted as the
+    worst outcome (chance accuracy) instead of being dropped."""
+    bad = runs.status.isin(["failed", "diverged"])
+    if not bad.any():
+        return pd.DataFrame()
+    r = runs.copy()
+    chance = (
+        1.0 / float(runs.get("num_classes", pd.Series([10])).dropna().iloc[0])
+        if "num_classes" in runs and runs.num_classes.notna().any()
+        else 0.1
+    )
+    r.loc[bad, metric] = chance
+    r.loc[bad, "status"] = "done"
+    r = r[r.status == "done"].copy()
+    r[metric] = r[metric].astype(float)
+    if paired_axis is not None:
+        lo, hi = _levels(plan, paired_axis)
+        comps = _paired_family(
+            r, paired_axis, [(lo, hi)], [primary, *others], "sensitivity", metric
+        )
+    else:
+        levels = _levels(plan, primary)
+        comps = _paired_family(
+            r, primary, [(levels[0], lv) for lv in levels[1:]], others, "sensitivity", metric
+        )
+    out = pd.DataFrame(comps)
+    if not out.empty:
+        out["p_holm"] = st.holm(out.p_t.values)
+    return out
 
 
 def _paired_family(
@@ -155,6 +353,7 @@ def _paired_family(
             r = st.paired(a[seeds].values, b[seeds].values)
             rows.append(
                 {
+                    "diffs": (b[seeds].values - a[seeds].values).tolist(),
                     "family": family,
                     axis: hi,
                     **dict(zip(strata, key)),
@@ -195,8 +394,15 @@ def findings(an: Analysis) -> tuple[list[str], list[str]]:
     n_bad = int(runs.status.isin(["failed", "diverged"]).sum())
     if n_bad:
         warn.append(
-            f"{n_bad} of {len(runs)} runs failed or diverged; they are left out of every statistic "
-            "(a configuration that diverges more often looks better than it is)."
+            f"{n_bad} of {len(runs)} runs failed or diverged: the tables count them per cell, "
+            "and the sensitivity analysis scores them as chance accuracy (complete-case "
+            "statistics alone make a configuration that diverges more often look better)."
+        )
+    empty = cells[cells.n == 0] if not cells.empty else cells
+    for _, c in empty.iterrows():
+        where = ", ".join(f"{a}={c[a]}" for a in an.axes)
+        warn.append(
+            f"Cell {where} has no finished run ({c['failed']} failed, {c['diverged']} diverged)."
         )
     if n_done < len(runs) - n_bad:
         warn.append(f"{len(runs) - n_bad - n_done} runs are not finished; this report is partial.")
@@ -219,15 +425,26 @@ def findings(an: Analysis) -> tuple[list[str], list[str]]:
             top = g.sort_values("mean_diff", ascending=False).iloc[0]
             where = _where(top, an, exclude=(an.paired_axis,) if an.paired_axis else ())
             b_label = top["b"]
+            seeds_won, seeds_all = int(g.wins.sum()), int(g.n.sum())
             if g.b.nunique() == 1:  # one treatment compared within strata
-                text = f"{b_label} raised accuracy in {up} of {k} comparisons ({fam}); "
+                text = (
+                    f"{b_label} raised mean accuracy in {up} of {k} comparisons ({fam}), "
+                    f"and in {seeds_won} of {seeds_all} seed-matched pairs; "
+                )
             else:  # each level against the baseline
-                text = f"Against {top['a']}, {up} of {k} levels raised accuracy; "
+                text = (
+                    f"Against {top['a']}, {up} of {k} levels raised mean accuracy "
+                    f"({seeds_won} of {seeds_all} seed-matched pairs); "
+                )
             text += f"the largest gain, {_pts(top.mean_diff)} at {where}, "
-            if top.p_holm < st.ALPHA:
-                text += f"holds after Holm correction (p = {top.p_holm:.3g})."
+            if top.n < 2 or math.isnan(top.p_holm):
+                text += f"is not testable (n = {int(top.n)})."
+            elif top.p_holm < st.ALPHA:
+                text += f"holds after the report-wide Holm correction (p = {top.p_holm:.3g})."
             else:
-                text += f"does not hold after Holm correction (p = {top.p_holm:.3g})."
+                text += (
+                    f"does not hold after the report-wide Holm correction (p = {top.p_holm:.3g})."
+                )
             out.append(text)
             if len(sig):
                 worse = sig[sig.mean_diff < 0]
@@ -248,14 +465,59 @@ def findings(an: Analysis) -> tuple[list[str], list[str]]:
             f"({r.test}, p = {r.p:.3g}, Holm {r.p_holm:.3g})."
         )
     co = an.correlations
-    if not co.empty:
-        main = co[co.summary == "final_log2_ratio"]
-        r = main.iloc[0] if not main.empty else co.iloc[0]
-        strength = "" if r.p_holm < st.ALPHA else "no reliable "
+    for _, r in co.iterrows() if not co.empty else []:
+        strength = "an" if r.p < st.ALPHA else "no reliable"
         out.append(
-            f"Scale mixing and accuracy: {strength}association between the {r.summary.replace('_', ' ')} "
-            f"and accuracy (Spearman rho = {r.rho:+.2f}, 95 % CI {r.ci_low:+.2f} to {r.ci_high:+.2f}, "
-            f"n = {r.n}, Holm p = {r.p_holm:.3g}); a correlation across configurations, not a cause."
+            f"Scale mixing and accuracy ({r.part}; exploratory, uncorrected): {strength} "
+            f"association between the final log2 scale ratio and accuracy (Spearman rho = "
+            f"{r.rho:+.2f}, 95 % CI {r.ci_low:+.2f} to {r.ci_high:+.2f}, n = {r.n}, p = {r.p:.3g}); "
+            "a correlation, not a cause."
+        )
+    gm = an.grid_model
+    for _, r in gm.iterrows() if not gm.empty else []:
+        if not isinstance(r.p, float) or math.isnan(r.p):
+            continue
+        verdict = "has an effect" if r.p < st.ALPHA else "shows no detectable effect"
+        out.append(
+            f"Grid model ({r.model}): {r.term} {verdict} (F = {r.F:.3g}, df {r.df}, p = {r.p:.3g})."
+        )
+    pw = an.power
+    if pw.get("binomial_se_points") is not None:
+        text = (
+            f"Resolution: one run's test accuracy has a binomial standard error of "
+            f"{pw['binomial_se_points']:.1f} points ({pw['test_size']} test examples)"
+        )
+        if pw.get("mde_points") is not None:
+            text += (
+                f"; the paired SD across seeds is {pw['paired_sd_points']:.1f} points, so with "
+                f"{pw['seeds']} seeds the smallest effect detectable with 80 % power is "
+                f"{pw['mde_points']:.1f} points"
+            )
+        if pw.get("seeds_for_1_point") is not None:
+            text += (
+                f"; detecting 1 point needs {pw['seeds_for_1_point']} seeds, 0.5 point "
+                f"{pw['seeds_for_0.5_point']}"
+            )
+        out.append(text + ".")
+    if (sel := selection_cost(runs)) is not None:
+        out.append(sel)
+    sens = an.sensitivity
+    if not sens.empty:
+        changed = (
+            int(
+                (
+                    (sens.p_holm < st.ALPHA)
+                    != (an.comparisons.p_holm.values[: len(sens)] < st.ALPHA)
+                ).sum()
+            )
+            if len(sens) == len(an.comparisons)
+            else None
+        )
+        out.append(
+            "Sensitivity: with failed and diverged runs counted as chance accuracy, "
+            f"{int((sens.p_holm < st.ALPHA).sum())} of {len(sens)} comparisons hold after Holm"
+            + (f" ({changed} verdict(s) change)" if changed is not None else "")
+            + "."
         )
     return out, warn
 

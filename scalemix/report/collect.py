@@ -86,6 +86,8 @@ def collect(grid_dir) -> tuple[pd.DataFrame, dict]:
         cfg = (read_json(d / "config.json") or {}).get("resolved", {})
         row["model_axes"] = cfg.get("model_axes")
         row["image_shape"] = (cfg.get("data") or {}).get("shape")
+        row["test_size"] = (cfg.get("data") or {}).get("test_size")
+        row["num_classes"] = (cfg.get("data") or {}).get("num_classes")
         row["model"] = (read_json(d / "config.json") or {}).get("config", {}).get("model")
         row.update(_diag_summary(read_diagnostics(d)))
         rows.append(row)

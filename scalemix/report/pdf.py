@@ -148,7 +148,7 @@ def _accuracy_page(pdf, an: Analysis, plan: dict) -> None:
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.suptitle(
-        "Accuracy against each axis (mean, 95 % bootstrap CI; grey: single runs)", fontsize=11
+        "Accuracy against each axis (mean, 95 % t CI over seeds; grey: single runs)", fontsize=11
     )
     fig.tight_layout()
     pdf.savefig(fig)
@@ -196,13 +196,24 @@ def _differences_page(pdf, an: Analysis) -> None:
     err = _yerr(comp.mean_diff.values, comp.ci_low.values, comp.ci_high.values) * 100
     sig = comp.p_holm.values < ALPHA
     ax.errorbar(m, y, xerr=err, fmt="none", ecolor="grey", capsize=3)
+    if "diffs" in comp:  # each seed's difference, as a dot on its row
+        for yi, ds in zip(y, comp.diffs):
+            ax.scatter(
+                np.asarray(ds) * 100,
+                np.full(len(ds), yi - 0.18),
+                s=9,
+                color="black",
+                alpha=0.6,
+                zorder=2,
+                label="one seed" if yi == y[0] else None,
+            )
     ax.scatter(m[sig], y[sig], color="firebrick", zorder=3, label=f"Holm p < {ALPHA}")
     ax.scatter(m[~sig], y[~sig], color="steelblue", zorder=3, label="not significant")
     ax.axvline(0, color="black", lw=0.8)
     ax.set_yticks(y, labels, fontsize=8)
     ax.set_xlabel(
-        "accuracy difference b - a (points), 95 % bootstrap CI over paired seeds\n"
-        "(below ~6 seeds a bootstrap interval is too narrow: read the tests)"
+        "accuracy difference b - a (points): mean and the 95 % paired-t CI, the interval the\n"
+        "paired t test inverts (colour: report-wide Holm); dots: each seed's difference"
     )
     ax.set_title("Paired differences (matched on seed)")
     ax.legend(fontsize=8)
@@ -350,7 +361,8 @@ def write_pdf(
             pdf,
             "Accuracy per cell",
             tables["cells"],
-            "n: finished seeds; CI: 95 % percentile bootstrap of the mean; IQM: interquartile mean (n >= 4).",
+            "n: finished seeds; CI: 95 % of the mean by the named method (t below 20 seeds); "
+            "IQM: interquartile mean (n >= 4).",
         )
         _table_page(
             pdf,
