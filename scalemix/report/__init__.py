@@ -134,7 +134,7 @@ def display_tables(an) -> dict[str, pd.DataFrame]:
                 "where": f"n = {r.n}",
                 "statistic": f"rho {r.rho:+.2f} [{r.ci_low:+.2f}, {r.ci_high:+.2f}]",
                 "p": _p(r.p),
-                "p Holm": "exploratory, uncorrected",
+                "p Holm": "exploratory",
             }
         )
     return {"cells": out_cells, "comparisons": out_comp, "omnibus_corr": pd.DataFrame(rows)}

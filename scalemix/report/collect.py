@@ -87,6 +87,8 @@ def collect(grid_dir) -> tuple[pd.DataFrame, dict]:
         row["model_axes"] = cfg.get("model_axes")
         row["image_shape"] = (cfg.get("data") or {}).get("shape")
         row["test_size"] = (cfg.get("data") or {}).get("test_size")
+        row["train_size"] = cfg.get("train_size")
+        row["data_name"] = (cfg.get("data") or {}).get("name")
         row["num_classes"] = (cfg.get("data") or {}).get("num_classes")
         row["model"] = (read_json(d / "config.json") or {}).get("config", {}).get("model")
         row.update(_diag_summary(read_diagnostics(d)))

@@ -63,7 +63,9 @@ def _title_page(pdf, an: Analysis, plan: dict, version: str) -> None:
     secs = float(runs.train_seconds.fillna(0).sum())
     lines = [
         f"Grid: {an.grid}" + (f" (preset {an.preset})" if an.preset else ""),
-        " ".join(plan["grid"].get("description", "").split()),
+        "Grid description (the full study; a preset changes it as below): "
+        + " ".join(plan["grid"].get("description", "").split()),
+        "As run: " + as_run(runs),
         f"Made: {time.strftime('%Y-%m-%d %H:%M')}   scalemix {version}",
         "Shared by every cell"
         + (f" (preset {an.preset} applied)" if an.preset else "")
@@ -94,6 +96,23 @@ def _title_page(pdf, an: Analysis, plan: dict, version: str) -> None:
     if an.warnings:
         lines += ["Warnings:"] + [f"- {w}" for w in an.warnings]
     _text_page(pdf, f"scalemix ablation report: {an.grid}", lines)
+
+
+def as_run(runs) -> str:
+    """Data, resolution, sizes, steps and model the finished runs actually used."""
+    done = runs[runs.status == "done"]
+    if done.empty:
+        return "no finished run"
+
+    def one(col):
+        vals = sorted({str(v) for v in done[col].dropna()}) if col in done else []
+        return vals[0] if len(vals) == 1 else (", ".join(vals) if vals else "?")
+
+    shape = one("image_shape")
+    return (
+        f"data {one('data_name')} ({one('train_size')} train / {one('test_size')} test examples, "
+        f"image {shape}), model {one('model')}, {one('steps')} steps per run."
+    )
 
 
 def epsilon_assumptions(runs) -> list[str]:
@@ -212,8 +231,8 @@ def _differences_page(pdf, an: Analysis) -> None:
     ax.axvline(0, color="black", lw=0.8)
     ax.set_yticks(y, labels, fontsize=8)
     ax.set_xlabel(
-        "accuracy difference b - a (points): mean and the 95 % paired-t CI, the interval the\n"
-        "paired t test inverts (colour: report-wide Holm); dots: each seed's difference"
+        "difference b - a (points); bar: 95 % paired-t CI\n"
+        "(the t test's own interval); colour: report-wide Holm;\ndots: each seed's difference"
     )
     ax.set_title("Paired differences (matched on seed)")
     ax.legend(fontsize=8)
@@ -374,10 +393,11 @@ def write_pdf(
         )
         _table_page(
             pdf,
-            "Omnibus tests and scale mixing vs accuracy",
+            "Omnibus tests, the grid model, and scale mixing vs accuracy",
             tables["omnibus_corr"],
-            "Friedman when every seed has every level (blocked by seed), else Kruskal-Wallis; Spearman rho with "
-            "a 95 % Fisher-z CI; p-values Holm-corrected within each family.",
+            "Friedman (blocked by seed) with a permutation p-value, else Kruskal-Wallis; the grid model "
+            "fits every axis and interaction with seed as block; primary p-values are Holm-corrected "
+            "report-wide; Spearman rho (95 % Fisher-z CI) is exploratory and uncorrected.",
         )
         _text_page(
             pdf,

@@ -146,8 +146,10 @@ def prob_improvement(a, b) -> tuple[float, float, float]:
         return math.nan, math.nan, math.nan
     cmp = (b[:, None] > a[None, :]) + 0.5 * (b[:, None] == a[None, :])
     p = float(cmp.mean())
-    q1, q2 = p / (2 - p), 2 * p * p / (1 + p)
-    var = (p * (1 - p) + (nb - 1) * (q1 - p * p) + (na - 1) * (q2 - p * p)) / (na * nb)
+    # at 0 or 1 the Hanley-McNeil variance vanishes; take it half a pair inside instead
+    pv = min(max(p, 0.5 / (na * nb)), 1 - 0.5 / (na * nb))
+    q1, q2 = pv / (2 - pv), 2 * pv * pv / (1 + pv)
+    var = (pv * (1 - pv) + (nb - 1) * (q1 - pv * pv) + (na - 1) * (q2 - pv * pv)) / (na * nb)
     half = 1.96 * math.sqrt(max(var, 0.0))
     return p, max(0.0, p - half), min(1.0, p + half)
 

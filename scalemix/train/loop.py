@@ -680,6 +680,7 @@ class Trainer:
             for lg in (self.metrics, self.epochs_log, self.diag_log):
                 lg.close()
         self._save_final_model()
+        self._save_test_predictions()
         self._write_privacy_statement()
         if self.canaries is not None:
             self._audit()
@@ -814,6 +815,18 @@ class Trainer:
         )
         if a["alarm"]:
             self.log(a["alarm_message"])
+
+    @torch.no_grad()
+    def _save_test_predictions(self) -> None:
+        """The final model's class for every test example (test_predictions.npy): runs on
+        the same test set can then be compared example by example (McNemar, paired
+        bootstrap over test examples)."""
+        self.model.eval()
+        preds = []
+        for i in range(0, len(self.test_y), 500):
+            x = normalize(self.test_x[i : i + 500], self.mean, self.std)
+            preds.append(self.model(x).argmax(1).to(torch.int16).cpu())
+        np.save(Path(self.run_dir.root) / "test_predictions.npy", torch.cat(preds).numpy())
 
     def _save_final_model(self) -> None:
         state = {"model": self.model.state_dict(), "config": self.cfg.as_dict()}
