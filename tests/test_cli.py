@@ -184,3 +184,54 @@ def test_non_private_run_reports_no_epsilon(tmp_path):
     assert r.returncode == 0, r.stderr
     result = json.loads((out / "result.json").read_text())
     assert result["private"] is False and result["epsilon"] is None and result["sigma"] == 0.0
+
+
+def test_config_round_trip_reproduces_a_finished_seeded_run_bit_for_bit(tmp_path):
+    import torch
+
+    a = tmp_path / "a"
+    common = ["--model", "resnet9_tiny", "--image-size", "8", "--epochs", "0.3", "--quiet"]
+    r = scalemix("train", *common, "--noise", "seeded", "--out", str(a))
+    assert r.returncode == 0, r.stderr
+    b = tmp_path / "b"
+    r = scalemix("train", "--config", str(a / "config.json"), "--out", str(b))
+    assert r.returncode == 0, r.stderr
+    assert "configuration: defaults < " in r.stderr and "flags out" in r.stderr
+    ma = torch.load(a / "model.pt", weights_only=False)["model"]
+    mb = torch.load(b / "model.pt", weights_only=False)["model"]
+    assert all(torch.equal(ma[k], mb[k]) for k in ma)
+    # --set beats the file and the flags; the precedence is printed
+    c = tmp_path / "c"
+    r = scalemix("train", "--config", str(a / "config.json"), "--out", str(c), "--set", "lr=2e-3")
+    assert r.returncode == 0 and "< --set lr" in r.stderr
+    assert json.loads((c / "config.json").read_text())["config"]["lr"] == 2e-3
+
+
+def test_privacy_accepts_batch_dataset_epochs_and_echoes_its_inputs():
+    from scalemix.privacy import epsilon_for
+
+    r = scalemix(
+        "privacy",
+        "epsilon",
+        "--sigma",
+        "1.0",
+        "--batch-size",
+        "512",
+        "--dataset-size",
+        "50000",
+        "--epochs",
+        "2",
+        "--delta",
+        "1e-5",
+        "--json",
+    )
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    q, steps = 512 / 50000, round(2 / (512 / 50000))
+    assert out["sample_rate"] == pytest.approx(q) and out["steps"] == steps
+    assert out["accountant"] == "prv" and out["batch_size"] == 512 and out["epochs"] == 2
+    assert out["epsilon"] == pytest.approx(
+        epsilon_for(sigma=1.0, sample_rate=q, steps=steps, delta=1e-5)
+    )
+    r = scalemix("privacy", "epsilon", "--sigma", "1", "--delta", "1e-5")
+    assert r.returncode == 2 and "sampling rate" in r.stderr

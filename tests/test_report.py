@@ -307,3 +307,21 @@ def test_diverged_runs_stay_in_the_tables_and_move_the_sensitivity_analysis():
     sens = an.sensitivity.set_index("groups")
     assert sens.loc[1, "mean_diff"] < -0.5  # chance accuracy (0.1) against 0.8
     assert 1 not in set(an.comparisons.groups)  # complete-case analysis cannot compare it
+
+
+def test_audit_bounds_per_cell_and_the_alarm_on_the_first_page():
+    from scalemix.report import display_tables
+
+    means = {(g, sn): 0.80 for g in (1, 4, 16) for sn in (False, True)}
+    runs = _simulated(3, means, seed=9)
+    runs["epsilon_spent"], runs["delta"] = 8.0, 1e-5
+    runs["epsilon_lower_bound"] = 1.2
+    runs["privacy_alarm"] = False
+    runs.loc[0, ["epsilon_lower_bound", "privacy_alarm"]] = [9.5, True]
+    an = analyse(runs, PLAN)
+    assert an.warnings[0].startswith("PRIVACY ALARM: in 1 run(s)")
+    cells = display_tables(an)["cells"]
+    assert "eps lower bound (audit, max)" in cells and "9.50 (acct 8.00)" in set(
+        cells["eps lower bound (audit, max)"]
+    )
+    assert any("largest one-run lower bound on epsilon is 9.50" in f for f in an.findings)

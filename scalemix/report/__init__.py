@@ -83,6 +83,11 @@ def display_tables(an) -> dict[str, pd.DataFrame]:
     ]
     out_cells["CI method"] = cells["ci_method"]
     out_cells["IQM %"] = cells["iqm"].map(lambda v: _pct(v) if v is not None else "")
+    if "eps_lower_bound_max" in cells and cells.eps_lower_bound_max.notna().any():
+        out_cells["eps lower bound (audit, max)"] = [
+            "" if math.isnan(v) else f"{v:.2f} (acct {e:.2f})"
+            for v, e in zip(cells.eps_lower_bound_max, cells.eps_spent)
+        ]
     comp = an.comparisons
     if comp.empty:
         out_comp = pd.DataFrame()

@@ -31,8 +31,10 @@ BOOT = 10_000
 SEED = 12345
 
 
-def bootstrap_ci(x, level: float = 0.95, seed: int = SEED) -> tuple[float, float]:
-    """Percentile bootstrap CI of the mean; (nan, nan) with fewer than 2 values."""
+def bootstrap_ci(
+    x, level: float = 0.95, seed: int = SEED, method: str = "percentile"
+) -> tuple[float, float]:
+    """Bootstrap CI of the mean (percentile or BCa); (nan, nan) with fewer than 2 values."""
     x = np.asarray(x, dtype=float)
     if len(x) < 2:
         return math.nan, math.nan
@@ -43,7 +45,7 @@ def bootstrap_ci(x, level: float = 0.95, seed: int = SEED) -> tuple[float, float
         np.mean,
         n_resamples=BOOT,
         confidence_level=level,
-        method="percentile",
+        method=method,
         random_state=np.random.default_rng(seed),
     )
     return float(res.confidence_interval.low), float(res.confidence_interval.high)
@@ -68,16 +70,8 @@ def mean_ci(x, level: float = 0.95) -> tuple[float, float, str]:
     if n < BCA_FROM:
         half = stats.t.ppf(0.5 + level / 2, n - 1) * x.std(ddof=1) / math.sqrt(n)
         return float(x.mean() - half), float(x.mean() + half), f"t (df {n - 1})"
-    res = stats.bootstrap(
-        (x,),
-        np.mean,
-        n_resamples=BOOT,
-        confidence_level=level,
-        method="BCa",
-        random_state=np.random.default_rng(SEED),
-    )
-    ci = res.confidence_interval
-    return float(ci.low), float(ci.high), f"BCa bootstrap ({BOOT} resamples)"
+    lo, hi = bootstrap_ci(x, level, method="BCa")
+    return lo, hi, f"BCa bootstrap ({BOOT} resamples)"
 
 
 @dataclass
