@@ -110,8 +110,9 @@ class Canaries:
         vector.add_((clipped * included).to(vector.device, vector.dtype))
 
     def observe(self, noisy_vector: torch.Tensor) -> torch.Tensor:
-        """The noisy sum on the audit vector (what a white-box auditor sees)."""
-        return noisy_vector.detach().float().cpu()
+        """The noisy sum on the audit vector (what a white-box auditor sees), kept on its
+        device: it reaches the host with the checkpoint or the final file, not every step."""
+        return noisy_vector.detach().float()
 
     def record(self, observed: torch.Tensor | None) -> None:
         """Called in the step's commit block: one row of draws (and observations)."""
@@ -124,7 +125,7 @@ class Canaries:
     def state_dict(self) -> dict:
         return {
             "draws": torch.stack(self.draws) if self.draws else None,
-            "obs": torch.stack(self.obs) if self.obs else None,
+            "obs": torch.stack(self.obs).cpu() if self.obs else None,
         }
 
     def load_state_dict(self, state: dict, steps: int) -> None:
@@ -141,7 +142,9 @@ class Canaries:
         }
         if self.kind == "gradient":
             arrays["obs"] = (
-                torch.stack(self.obs).numpy() if self.obs else np.zeros((0, self.m), np.float32)
+                torch.stack(self.obs).cpu().numpy()
+                if self.obs
+                else np.zeros((0, self.m), np.float32)
             )
         else:
             arrays["x"] = self.x.numpy()

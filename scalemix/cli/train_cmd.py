@@ -391,14 +391,12 @@ def _layered(ctx: typer.Context, flags: dict, config: Path | None, sets: list[st
 def load_config_file(path: Path) -> dict:
     """Fields from a run's config.json ({"config": {...}}) or a TOML file (top level or
     a grid's [base] table)."""
-    import json as _json
-
     p = Path(path).expanduser()
     if not p.is_file():
         raise ConfigError(f"--config {p}: no such file")
     try:
         if p.suffix == ".json":
-            raw = _json.loads(p.read_text())
+            raw = json.loads(p.read_text())
             raw = raw.get("config", raw) if isinstance(raw, dict) else raw
         else:
             try:

@@ -80,7 +80,3 @@ class NoiseSource:
             k = t.numel()
             t.add_(z[offset : offset + k].view_as(t).to(t.dtype), alpha=std)
             offset += k
-
-    def gaussian_like(self, t: torch.Tensor, std: float) -> torch.Tensor:
-        """A tensor of N(0, std^2) shaped like ``t`` (one draw)."""
-        return self.stream.normal(t.numel(), t.device, t.dtype).view_as(t) * std

@@ -311,11 +311,8 @@ def sensitivity(runs, plan, axes, primary, paired_axis, others, metric) -> pd.Da
     if not bad.any():
         return pd.DataFrame()
     r = runs.copy()
-    chance = (
-        1.0 / float(runs.get("num_classes", pd.Series([10])).dropna().iloc[0])
-        if "num_classes" in runs and runs.num_classes.notna().any()
-        else 0.1
-    )
+    classes = runs["num_classes"].dropna() if "num_classes" in runs else pd.Series(dtype=float)
+    chance = 1.0 / float(classes.iloc[0]) if len(classes) else 0.1  # ten classes if unknown
     r.loc[bad, metric] = chance
     r.loc[bad, "status"] = "done"
     r = r[r.status == "done"].copy()
@@ -503,16 +500,10 @@ def findings(an: Analysis) -> tuple[list[str], list[str]]:
         out.append(sel)
     sens = an.sensitivity
     if not sens.empty:
-        changed = (
-            int(
-                (
-                    (sens.p_holm < st.ALPHA)
-                    != (an.comparisons.p_holm.values[: len(sens)] < st.ALPHA)
-                ).sum()
-            )
-            if len(sens) == len(an.comparisons)
-            else None
-        )
+        changed = None  # comparable row by row only when no comparison was lost
+        if len(sens) == len(an.comparisons):
+            verdicts = (sens.p_holm < st.ALPHA).values, (an.comparisons.p_holm < st.ALPHA).values
+            changed = int((verdicts[0] != verdicts[1]).sum())
         out.append(
             "Sensitivity: with failed and diverged runs counted as chance accuracy, "
             f"{int((sens.p_holm < st.ALPHA).sum())} of {len(sens)} comparisons hold after Holm"

@@ -237,6 +237,7 @@ class Trainer:
         self.train_seconds = 0.0
         self.images_seen = 0
         self.last_eval: dict = {}
+        self.test_predictions: torch.Tensor | None = None  # of self.model, at the last evaluation
         probe_x = None
         if cfg.diag_every and cfg.diag_source == "probe":
             probe_x = normalize(self.test_x[: cfg.diag_probe_size], self.mean, self.std)
@@ -406,10 +407,11 @@ class Trainer:
         streams' committed state and the step's log rows advance together."""
         cfg, dev = self.cfg, self.device
         t0 = time.perf_counter()
-        idx = self.sampler.next().to(dev)
+        idx = self.sampler.next()  # on the CPU
         canaries_in = None
         if self.canaries is not None:
             idx, canaries_in = self.canaries.split(idx, self.n)
+        idx = idx.to(dev)
         self.model.train()
         if self.public_x is not None:
             refresh_public_stats(self.model, self.public_x)
@@ -496,25 +498,28 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
 
     @torch.no_grad()
-    def evaluate(self, model: torch.nn.Module) -> tuple[float, float]:
+    def evaluate(self, model: torch.nn.Module) -> tuple[float, float, torch.Tensor]:
+        """Test accuracy, mean loss, and the predicted class of every test example."""
         model.eval()
         if self.public_x is not None:
             refresh_public_stats(model, self.public_x)
-        correct, loss = 0.0, 0.0
+        correct, loss, preds = 0.0, 0.0, []
         for i in range(0, len(self.test_y), 500):
             x = normalize(self.test_x[i : i + 500], self.mean, self.std)
             y = self.test_y[i : i + 500]
             out = model(x)
             loss += float(torch.nn.functional.cross_entropy(out, y, reduction="sum"))
-            correct += float((out.argmax(1) == y).sum())
+            pred = out.argmax(1)
+            correct += float((pred == y).sum())
+            preds.append(pred)
         n = len(self.test_y)
-        return correct / n, loss / n
+        return correct / n, loss / n, torch.cat(preds)
 
     def epsilon(self) -> float | None:
         return self.ledger.epsilon(self.cfg.delta) if self.private else None
 
     def eval_row(self) -> dict:
-        acc, loss = self.evaluate(self.model)
+        acc, loss, self.test_predictions = self.evaluate(self.model)
         row = {
             "step": self.step,
             "epoch": self.step * self.q,
@@ -524,7 +529,7 @@ class Trainer:
             "train_seconds": self.train_seconds,
         }
         if self.ema is not None:
-            row["test_acc_ema"], row["test_loss_ema"] = self.evaluate(self.ema.model)
+            row["test_acc_ema"], row["test_loss_ema"], _ = self.evaluate(self.ema.model)
         self.last_eval = row
         return row
 
@@ -816,17 +821,17 @@ class Trainer:
         if a["alarm"]:
             self.log(a["alarm_message"])
 
-    @torch.no_grad()
     def _save_test_predictions(self) -> None:
         """The final model's class for every test example (test_predictions.npy): runs on
         the same test set can then be compared example by example (McNemar, paired
-        bootstrap over test examples)."""
-        self.model.eval()
-        preds = []
-        for i in range(0, len(self.test_y), 500):
-            x = normalize(self.test_x[i : i + 500], self.mean, self.std)
-            preds.append(self.model(x).argmax(1).to(torch.int16).cpu())
-        np.save(Path(self.run_dir.root) / "test_predictions.npy", torch.cat(preds).numpy())
+        bootstrap over test examples). Taken from the last step's evaluation; evaluated
+        again only when this process did not evaluate the final model (a resume at the end)."""
+        preds = self.test_predictions
+        if preds is None or self.last_eval.get("step") != self.step:
+            preds = self.evaluate(self.model)[2]
+        np.save(
+            Path(self.run_dir.root) / "test_predictions.npy", preds.to(torch.int16).cpu().numpy()
+        )
 
     def _save_final_model(self) -> None:
         state = {"model": self.model.state_dict(), "config": self.cfg.as_dict()}
