@@ -36,9 +36,13 @@ paired = "scalenorm"
 """
 
 
+N_TEST = 600
+
+
 def make_grid_dir(
     tmp_path, effect: float, seeds: int = 8, fail_one: bool = False, single_axis: bool = False
 ):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     p = tmp_path / "planted.toml"
     text = GRID.format(effect=effect, seeds=list(range(seeds)))
     if single_axis:  # one axis, no paired axis: each level against the first
@@ -83,6 +87,19 @@ def make_grid_dir(
                 "error": "boom" if status == "failed" else None,
             },
         )
+        if status == "done":  # per example: each test example right with probability acc
+            labels = np.arange(N_TEST) % 10
+            right = rng.random(N_TEST) < acc
+            np.save(d / "test_labels.npy", labels.astype(np.int16))
+            np.save(d / "test_predictions.npy", np.where(right, labels, (labels + 1) % 10))
+            pd.DataFrame(
+                {
+                    "step": [10, 20],
+                    "epoch": [0.5, 1.0],
+                    "epsilon": [5.0, 7.99],
+                    "test_acc": [acc - 0.1, acc],
+                }
+            ).to_csv(d / "epochs.csv", index=False)
         ratio = -1.0 + (0.5 if boost else 0.0)
         rows = [
             {
@@ -156,9 +173,9 @@ def test_report_files_and_pdf_pages(tmp_path):
     assert "NOT covered by the DP guarantee" in (folder / "findings.md").read_text()
     data = pdf.read_bytes()
     pages = len(re.findall(rb"/Type /Page\b", data))
-    assert (
-        pages >= 9
-    )  # title, accuracy, differences, trajectories, SPP, 3 tables, findings, caveats
+    # title, accuracy, differences, stability, learning curves, trajectories, scale vs
+    # accuracy, SPP, 4 tables, findings, caveats
+    assert pages >= 14
     if shutil.which("pdftoppm"):
         subprocess.run(
             ["pdftoppm", "-r", "30", "-png", str(pdf), str(tmp_path / "page")], check=True
@@ -228,11 +245,29 @@ def test_an_epsilon_axis_is_not_confused_with_the_epsilon_spent(tmp_path):
             gd.cell_dir(c.id) / "result.json",
             {"status": "done", "test_acc": 0.5 + spent / 100, "epsilon": spent},
         )
+        pd.DataFrame(  # learning curves carry an "epsilon" column of their own
+            {"step": [5, 10], "epsilon": [spent / 2, spent], "test_acc": [0.4, 0.5]}
+        ).to_csv(gd.cell_dir(c.id) / "epochs.csv", index=False)
     runs, plan = collect(gd.root)
     assert sorted(set(runs.epsilon)) == [1.0, 8.0]
     assert (runs.epsilon_spent == runs.epsilon * 0.999).all()
     an = analyse(runs, plan)
     assert list(an.comparisons.epsilon) == [8.0]
+    from scalemix.report.collect import learning_curves
+
+    assert set(learning_curves(runs).columns) == {"id", "step", "epsilon_spent", "test_acc"}
+    from scalemix.report import figures
+
+    class Pages:  # counts the pages a figure function saves
+        n = 0
+
+        def savefig(self, fig):
+            self.n += 1
+
+    pages = Pages()
+    figures.privacy_utility_page(pages, an)
+    assert pages.n == 1  # an epsilon axis gets its privacy-utility curve
+    build_report(gd.root, log=lambda *_: None)
 
 
 def _simulated(n_seeds, cell_means, seed, sd=0.005, seed_sd=0.01):
@@ -259,7 +294,11 @@ PLAN = {
     "grid": {
         "name": "sim",
         "axes": {"groups": [1, 4, 16], "scalenorm": [False, True]},
-        "report": {"primary": "groups", "paired": "scalenorm"},
+        "report": {
+            "primary": "groups",
+            "paired": "scalenorm",
+            "questions": ["groups", "scalenorm", "groups x scalenorm"],
+        },
     }
 }
 
@@ -288,7 +327,12 @@ def test_a_null_grid_yields_no_primary_finding_beyond_the_level():
     for i in range(sims):
         runs = _simulated(3, means, seed=100 + i)
         an = analyse(runs, PLAN)
-        primary_p = list(an.comparisons.p_holm) + list(an.omnibus.get("p_holm", []))
+        primary_p = (
+            list(an.comparisons.p_holm)
+            + list(an.omnibus.get("p_holm", []))
+            + list(an.grid_model.p_holm.dropna())
+        )
+        assert len(primary_p) == len(an.comparisons) + len(an.omnibus) + 3
         hits += any(p < 0.05 for p in primary_p)
     assert hits / sims <= 0.05 + 2 * (0.05 * 0.95 / sims) ** 0.5
 
@@ -325,3 +369,145 @@ def test_audit_bounds_per_cell_and_the_alarm_on_the_first_page():
         cells["eps lower bound (audit, max)"]
     )
     assert any("largest one-run lower bound on epsilon is 9.50" in f for f in an.findings)
+
+
+def test_per_example_evidence_from_stored_predictions(tmp_path):
+    """Every paired comparison is scored again example by example on the shared test set;
+    the McNemar p-value matches statsmodels called directly on the pooled table."""
+    from statsmodels.stats.contingency_tables import mcnemar
+
+    root = make_grid_dir(tmp_path, effect=0.05, seeds=4)
+    runs, plan = collect(root)
+    an = analyse(runs, plan)
+    comp = an.comparisons
+    assert (comp.ex_seeds == 4).all() and (comp.ex_examples == N_TEST).all()
+    r = comp.iloc[0]
+    dirs = runs.set_index("id").run_dir
+    a = np.stack(
+        [np.load(f"{dirs[i]}/test_predictions.npy") == np.arange(N_TEST) % 10 for i in r.ids_a]
+    )
+    b = np.stack(
+        [np.load(f"{dirs[i]}/test_predictions.npy") == np.arange(N_TEST) % 10 for i in r.ids_b]
+    )
+    table = [[(a & b).sum(), (a & ~b).sum()], [(~a & b).sum(), (~a & ~b).sum()]]
+    assert r.ex_p_mcnemar == pytest.approx(mcnemar(table, exact=True).pvalue)
+    assert r.ex_diff == pytest.approx(b.mean() - a.mean())
+    assert r.ex_ci_low < r.ex_diff < r.ex_ci_high
+    assert (comp.ex_p_mcnemar < 0.05).sum() >= 2  # 5 points over 4 x 600 examples: visible
+    assert any(f.startswith("Per test example") for f in an.findings)
+    tables = build_report(root, log=lambda *_: None).parent
+    assert "McNemar" in (tables / "findings.md").read_text()
+
+
+def test_runs_without_stored_predictions_are_reported_without_per_example_columns(tmp_path):
+    root = make_grid_dir(tmp_path, effect=0.02, seeds=3)
+    for f in root.glob("cells/*/test_labels.npy"):
+        f.unlink()  # runs from before the per-example report
+    an = analyse(*collect(root))
+    assert "ex_p_mcnemar" not in an.comparisons or an.comparisons.ex_p_mcnemar.isna().all()
+
+
+def test_primary_questions_join_the_report_wide_correction(tmp_path):
+    """Terms named in [report] questions are primary (Holm with the comparisons); the
+    rest of the grid model is exploratory and shown as uncorrected."""
+    plan = {
+        "grid": {
+            **PLAN["grid"],
+            "report": {**PLAN["grid"]["report"], "questions": ["scalenorm x groups"]},
+        }
+    }
+    means = {
+        (g, sn): 0.80 + (0.03 if sn and g == 1 else 0.0) for g in (1, 4, 16) for sn in (False, True)
+    }
+    an = analyse(_simulated(6, means, seed=3), plan)
+    gm = an.grid_model.set_index("term")
+    assert gm.loc["groups x scalenorm", "primary"] and not gm.loc["groups", "primary"]
+    k = len(an.comparisons) + len(an.omnibus) + 1  # the family: comparisons, omnibus, question
+    assert gm.loc["groups x scalenorm", "p_holm"] >= gm.loc["groups x scalenorm", "p"]
+    assert gm.loc["groups x scalenorm", "p_holm"] <= k * gm.loc["groups x scalenorm", "p"] + 1e-12
+    assert np.isnan(gm.loc["groups", "p_holm"])
+    text = " ".join(an.findings)
+    assert "groups x scalenorm has an effect" in text and "a primary question" in text
+    assert "exploratory, uncorrected" in text  # the other terms say what they are
+
+
+@pytest.mark.parametrize(
+    "report, message",
+    [
+        ('questions = ["depth"]', "is not a grid-model term"),
+        ('questions = "groups"', "questions is a list of terms"),
+        ('primary = "depth"', "is not an axis"),
+        ('focus = "groups"', "unknown keys focus"),
+    ],
+)
+def test_a_bad_report_table_is_refused_with_one_line(tmp_path, report, message):
+    from scalemix.errors import ConfigError
+
+    p = tmp_path / "g.toml"
+    text = GRID.format(effect=0, seeds=[0])
+    key = report.split(" =")[0]
+    old = 'primary = "groups"' if key == "primary" else 'paired = "scalenorm"'
+    p.write_text(text.replace(old, report))
+    with pytest.raises(ConfigError, match=message):
+        load_grid(str(p))
+
+
+def test_a_configuration_that_is_unstable_across_seeds_is_found_by_brown_forsythe():
+    rng = np.random.default_rng(0)
+    rows = []
+    for sn in (False, True):
+        for g in (1, 4, 16):
+            for s in range(8):
+                sd = 0.05 if not sn else 0.005  # ScaleNorm: same mean, ten times steadier
+                rows.append(
+                    {
+                        "id": f"{g}{sn}{s}",
+                        "status": "done",
+                        "seed": s,
+                        "groups": g,
+                        "scalenorm": sn,
+                        "test_acc": 0.8 + rng.normal(0, sd),
+                    }
+                )
+    an = analyse(pd.DataFrame(rows), PLAN)
+    disp = an.dispersion.set_index("axis")
+    assert disp.loc["scalenorm", "p"] < 0.001 and disp.loc["groups", "p"] > 0.01
+    sd = disp.loc["scalenorm", "pooled_sd"]
+    assert sd["False"] > 5 * sd["True"]
+    assert any("Spread across seeds by scalenorm" in f and "differs" in f for f in an.findings)
+
+
+def test_grids_side_by_side_share_a_configuration(tmp_path):
+    """Two grids that repeat a cell: the shared configuration is found, the same seed is
+    a reproducibility check (gap 0 for the same computation), the CLI writes the PDF."""
+    a = make_grid_dir(tmp_path / "a", effect=0.02, seeds=3)
+    b_dir = tmp_path / "b"
+    b = make_grid_dir(b_dir, effect=0.02, seeds=3)  # same generator: same numbers, same cells
+    from scalemix.report.compare import shared_configurations
+
+    per_grid, diffs, grids = shared_configurations([a, b])
+    assert per_grid.configuration.nunique() == 6 and len(grids) == 2
+    assert (diffs.same_seeds == 3).all() and (diffs.max_gap_same_seed == 0).all()
+    out = tmp_path / "cmp.pdf"
+    res = subprocess.run(
+        [sys.executable, "-m", "scalemix", "report", str(a), str(b), "-o", str(out)],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 0, res.stderr
+    assert out.stat().st_size > 0 and (tmp_path / "shared.csv").exists()
+
+
+def test_grids_that_share_nothing_are_refused(tmp_path):
+    a = make_grid_dir(tmp_path / "a", effect=0.02, seeds=2)
+    b = make_grid_dir(tmp_path / "b", effect=0.02, seeds=2, single_axis=True)
+    for c in GridDir(b).plan()["cells"]:  # another model everywhere: nothing shared
+        f = GridDir(b).cell_dir(c["id"]) / "config.json"
+        d = __import__("json").loads(f.read_text())
+        d["config"]["lr"] = 0.5
+        f.write_text(__import__("json").dumps(d))
+    res = subprocess.run(
+        [sys.executable, "-m", "scalemix", "report", str(a), str(b)], capture_output=True, text=True
+    )
+    assert res.returncode == 2 and "share no configuration" in res.stderr
+    assert "Traceback" not in res.stderr

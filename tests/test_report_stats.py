@@ -139,3 +139,48 @@ def test_paired_t_with_holm_keeps_the_familywise_error_under_the_null():
             ps.append(sps.ttest_rel(b, a).pvalue)
         rejections += min(st.holm(ps)) < st.ALPHA
     assert rejections / sims <= 0.05 + 2 * math.sqrt(0.05 * 0.95 / sims)
+
+
+def test_brown_forsythe_is_levene_on_medians_and_pools_cells_by_level():
+    rng = np.random.default_rng(1)
+    x = [rng.normal(0, s, 7) for s in (1.0, 2.0, 4.0)]
+    f, p, df = st.brown_forsythe({i: [v] for i, v in enumerate(x)})  # one cell per level
+    ref = sps.levene(*x, center="median")
+    assert f == pytest.approx(ref.statistic) and p == pytest.approx(ref.pvalue)
+    assert df == "2, 18"
+    # two cells per level: deviations from each cell's own median, then one-way ANOVA
+    cells = {0: [x[0][:3], x[0][3:]], 1: [x[1][:4], x[1][4:]]}
+    z = [np.abs(c - np.median(c)) for lvl in (0, 1) for c in cells[lvl]]
+    ref = sps.f_oneway(np.concatenate(z[:2]), np.concatenate(z[2:]))
+    f, p, _ = st.brown_forsythe(cells)
+    assert f == pytest.approx(ref.statistic) and p == pytest.approx(ref.pvalue)
+
+
+def test_per_example_mcnemar_hand_worked_and_bootstrap_against_the_normal_interval():
+    # one seed, 10 examples: b alone right on 4, a alone right on 0 -> exact binomial
+    a = np.array([[1, 1, 0, 0, 0, 0, 1, 0, 1, 1]], dtype=bool)
+    b = np.array([[1, 1, 1, 1, 1, 1, 1, 0, 1, 1]], dtype=bool)
+    r = st.per_example(a, b)
+    assert (r["ex_b_only"], r["ex_a_only"]) == (4, 0)
+    assert r["ex_p_mcnemar"] == pytest.approx(2 * 0.5**4)  # two-sided exact: 0.125
+    assert r["ex_diff"] == pytest.approx(0.4)
+    # many examples: the bootstrap interval of a mean of {-1, 0, 1} is the normal one
+    rng = np.random.default_rng(2)
+    a = rng.random((3, 4000)) < 0.80
+    b = rng.random((3, 4000)) < 0.82
+    r = st.per_example(a, b)
+    d = (b.astype(float) - a.astype(float)).mean(axis=0)
+    half = 1.96 * d.std(ddof=1) / np.sqrt(len(d))
+    assert r["ex_ci_low"] == pytest.approx(d.mean() - half, abs=0.002)
+    assert r["ex_ci_high"] == pytest.approx(d.mean() + half, abs=0.002)
+
+
+def test_holm_matches_statsmodels_multipletests():
+    from statsmodels.stats.multitest import multipletests
+
+    rng = np.random.default_rng(4)
+    for k in (1, 2, 5, 13):
+        p = rng.uniform(0, 0.2, k)
+        assert st.holm(p) == pytest.approx(multipletests(p, method="holm")[1].tolist())
+    assert np.isnan(st.holm([0.01, math.nan, 0.04])[1])  # nan is not counted
+    assert st.holm([0.01, math.nan, 0.04])[::2] == pytest.approx([0.02, 0.04])

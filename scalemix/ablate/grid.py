@@ -24,6 +24,7 @@ A grid file (``ablations/NAME.toml``)::
     [report]                    # how the report compares cells (issue 5)
     primary = "groups"          # the many-valued axis (omnibus test, x axis of plots)
     paired = "scalenorm"        # compared on shared seeds at each primary value
+    questions = ["scalenorm", "groups x scalenorm"]  # grid-model terms that are primary
 
     [presets.quick]             # overrides: base (merged), axes (replaced per axis), seeds
     seeds = [0, 1]
@@ -223,6 +224,34 @@ def _config(values: dict, where: str) -> TrainConfig:
         raise ConfigError(f"{where}: {e}") from None
 
 
+def check_report(rep: dict, axes: dict, path) -> dict:
+    """Validate the grid's [report] table: its axes exist and every primary question names a term of the grid model ("a" or "a x b")."""
+    where = f"grid file {path}, [report]"
+    unknown = set(rep) - {"primary", "paired", "questions"}
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown keys {', '.join(sorted(unknown))} (known: primary, paired, questions)"
+        )
+    for key in ("primary", "paired"):
+        if key in rep and rep[key] not in axes:
+            raise ConfigError(
+                f"{where}: {key} = {rep[key]!r} is not an axis (axes: {', '.join(axes)})"
+            )
+    questions = rep.get("questions", [])
+    if not isinstance(questions, list) or not all(isinstance(q, str) for q in questions):
+        raise ConfigError(f'{where}: questions is a list of terms, e.g. ["scalenorm", "a x b"]')
+    for q in questions:
+        parts = [t.strip() for t in q.split(" x ")]
+        bad = [t for t in parts if t not in axes]
+        if bad or len(set(parts)) != len(parts):
+            raise ConfigError(
+                f"{where}: question {q!r} is not a grid-model term; name an axis "
+                f"({', '.join(axes)}) or an interaction written 'a x b'"
+            )
+    rep["questions"] = [" x ".join(t.strip() for t in q.split(" x ")) for q in questions]
+    return rep
+
+
 def resolved_dict(cfg: TrainConfig) -> dict:
     d = cfg.as_dict()
     d.update(cfg.model_axes().as_dict())  # fill in the architecture's default axes
@@ -307,7 +336,7 @@ def load_grid(name_or_path: str, preset: str | None = None, sets: dict | None = 
         seeds=seeds,
         include=list(raw.get("include", [])),
         exclude=list(raw.get("exclude", [])),
-        report=dict(raw.get("report", {})),
+        report=check_report(dict(raw.get("report", {})), axes, path),
         presets=list(presets),
         sets=sets,
     )

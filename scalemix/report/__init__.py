@@ -110,6 +110,21 @@ def display_tables(an) -> dict[str, pd.DataFrame]:
             for p, lo, hi in zip(comp.prob_improvement, comp.poi_low, comp.poi_high)
         ]
         out_comp["seeds won"] = [f"{int(w)}/{int(n)}" for w, n in zip(comp.wins, comp.n)]
+    out_ex = pd.DataFrame()
+    if not comp.empty and "ex_diff" in comp and comp.ex_diff.notna().any():
+        ex = comp[comp.ex_diff.notna()]  # per test example: the trained models held fixed
+        out_ex = out_comp.loc[ex.index, [c for c in out_comp.columns[: 1 + len(strata)]]].copy()
+        out_ex["seeds x examples"] = [
+            f"{int(s)} x {int(n)}" for s, n in zip(ex.ex_seeds, ex.ex_examples)
+        ]
+        out_ex["only b right / only a right"] = [
+            f"{int(b)} / {int(a)}" for b, a in zip(ex.ex_b_only, ex.ex_a_only)
+        ]
+        out_ex["diff (pts)"] = ex.ex_diff.map(lambda v: f"{100 * v:+.2f}")
+        out_ex["95% CI (bootstrap over examples)"] = [
+            _ci(lo, hi, 100) for lo, hi in zip(ex.ex_ci_low, ex.ex_ci_high)
+        ]
+        out_ex["McNemar exact p, uncorr."] = [_p(p) for p in ex.ex_p_mcnemar]
     rows = []
     for _, r in an.omnibus.iterrows():
         where = ", ".join(f"{a}={r[a]}" for a in an.axes if a != an.primary and a in r)
@@ -129,7 +144,20 @@ def display_tables(an) -> dict[str, pd.DataFrame]:
                 "where": r.model,
                 "statistic": f"F {r.F:.3g} (df {r.df})",
                 "p": _p(r.p),
-                "p Holm": "model test",
+                "p Holm": _p(r.p_holm) + " (report)"
+                if r.get("primary", False)
+                else "exploratory, uncorrected",
+            }
+        )
+    for _, r in an.dispersion.iterrows():
+        rows.append(
+            {
+                "test": f"Brown-Forsythe: spread across seeds by {r.axis}",
+                "where": "SD (pts) "
+                + ", ".join(f"{k}: {100 * v:.2f}" for k, v in r.pooled_sd.items()),
+                "statistic": f"F {r.F:.3g} (df {r.df})",
+                "p": _p(r.p),
+                "p Holm": "exploratory, uncorrected",
             }
         )
     for _, r in an.correlations.iterrows():
@@ -142,13 +170,18 @@ def display_tables(an) -> dict[str, pd.DataFrame]:
                 "p Holm": "exploratory",
             }
         )
-    return {"cells": out_cells, "comparisons": out_comp, "omnibus_corr": pd.DataFrame(rows)}
+    return {
+        "cells": out_cells,
+        "comparisons": out_comp,
+        "per_example": out_ex,
+        "omnibus_corr": pd.DataFrame(rows),
+    }
 
 
 def build_report(grid_dir, out_pdf=None, *, log=print, wandb=None) -> Path:
     """Write the PDF and its tables; return the PDF's path."""
     from scalemix.report.analysis import analyse
-    from scalemix.report.collect import collect, trajectories
+    from scalemix.report.collect import collect, learning_curves, trajectories
     from scalemix.report.pdf import write_pdf
     from scalemix.train.rundir import write_json_atomic
 
@@ -159,11 +192,18 @@ def build_report(grid_dir, out_pdf=None, *, log=print, wandb=None) -> Path:
     folder = pdf_path.parent
     folder.mkdir(parents=True, exist_ok=True)
     tables = display_tables(an)
-    runs.drop(columns=["model_axes", "image_shape"]).to_csv(folder / "runs.csv", index=False)
+    runs.drop(columns=["model_axes", "image_shape", "run_dir"], errors="ignore").to_csv(
+        folder / "runs.csv", index=False
+    )
     an.cells.to_csv(folder / "cells.csv", index=False)
     an.comparisons.to_csv(folder / "comparisons.csv", index=False)
     pd.concat(
-        [an.omnibus.assign(kind="omnibus"), an.correlations.assign(kind="spearman")],
+        [
+            an.omnibus.assign(kind="omnibus"),
+            an.grid_model.assign(kind="grid model"),
+            an.dispersion.assign(kind="dispersion"),
+            an.correlations.assign(kind="spearman"),
+        ],
         ignore_index=True,
     ).to_csv(folder / "tests.csv", index=False)
     (folder / "cells.md").write_text(_md_table(tables["cells"]))
@@ -180,7 +220,15 @@ def build_report(grid_dir, out_pdf=None, *, log=print, wandb=None) -> Path:
         + _md_table(tables["omnibus_corr"])
     )
     tmp = pdf_path.with_name(f".{pdf_path.name}.tmp")
-    pages = write_pdf(tmp, an, plan, trajectories(grid_dir, runs), tables, code_version())
+    pages = write_pdf(
+        tmp,
+        an,
+        plan,
+        trajectories(grid_dir, runs),
+        learning_curves(runs),
+        tables,
+        code_version(),
+    )
     tmp.replace(pdf_path)  # never a half-written PDF under the final name
     write_json_atomic(
         folder / "report.json",

@@ -38,6 +38,7 @@ class Analysis:
     grid_model: pd.DataFrame = field(default_factory=pd.DataFrame)  # one model, every term
     power: dict = field(default_factory=dict)  # what the grid can resolve
     sensitivity: pd.DataFrame = field(default_factory=pd.DataFrame)  # failures as chance
+    dispersion: pd.DataFrame = field(default_factory=pd.DataFrame)  # spread per axis level
     findings: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
@@ -119,18 +120,33 @@ def analyse(runs: pd.DataFrame, plan: dict, metric: str = METRIC) -> Analysis:
             omni.append({**dict(zip(strata, key)), **res.__dict__})
     omnibus = pd.DataFrame(omni)
 
-    # ---- the multiplicity plan: the paired comparisons and omnibus tests are the primary
-    # (confirmatory) questions, corrected together with one report-wide Holm; Wilcoxon
-    # p-values (robustness) get their own Holm; correlations are exploratory, uncorrected.
-    primary_p = list(comparisons.get("p_t", pd.Series(dtype=float))) + list(
-        omnibus.get("p", pd.Series(dtype=float))
+    # ---- the multiplicity plan: the paired comparisons, the omnibus tests and the grid
+    # model's terms named in [report] questions are the primary (confirmatory) questions,
+    # corrected together by one report-wide Holm; Wilcoxon p-values (robustness) get their
+    # own Holm; every other p-value is exploratory and shown as uncorrected.
+    model = grid_model(done, axes, metric)
+    questions = {_term_key(q) for q in rep.get("questions", [])}
+    if not model.empty:
+        model["primary"] = [_term_key(t) in questions for t in model.term]
+        missing = questions - {_term_key(t) for t in model.term}
+    else:
+        missing = questions
+    asked = model[model.primary] if not model.empty else model
+    primary_p = (
+        list(comparisons.get("p_t", pd.Series(dtype=float)))
+        + list(omnibus.get("p", pd.Series(dtype=float)))
+        + list(asked.get("p", pd.Series(dtype=float)))
     )
     adjusted = st.holm(primary_p)
+    k1, k2 = len(comparisons), len(comparisons) + len(omnibus)
     if not comparisons.empty:
-        comparisons["p_holm"] = adjusted[: len(comparisons)]
+        comparisons["p_holm"] = adjusted[:k1]
         comparisons["p_wilcoxon_holm"] = st.holm(comparisons["p_wilcoxon"].values)
     if not omnibus.empty:
-        omnibus["p_holm"] = adjusted[len(comparisons) :]
+        omnibus["p_holm"] = adjusted[k1:k2]
+    if not model.empty:
+        model["p_holm"] = math.nan
+        model.loc[model.primary, "p_holm"] = adjusted[k2:]
 
     # ---- scale mixing vs accuracy, without pseudo-replication: between configurations
     # (cell means) and within configurations (each seed's deviation from its cell mean)
@@ -149,11 +165,81 @@ def analyse(runs: pd.DataFrame, plan: dict, metric: str = METRIC) -> Analysis:
         omnibus=omnibus,
         correlations=correlations,
     )
-    an.grid_model = grid_model(done, axes, metric)
+    an.grid_model = model
+    an.dispersion = dispersion(done, axes, metric)
+    if "run_dir" in runs:
+        per_example_evidence(an)
     an.power = power_summary(an)
     an.sensitivity = sensitivity(runs, plan, axes, primary, paired_axis, others, metric)
     an.findings, an.warnings = findings(an)
+    if paired_axis is None and rep.get("paired"):
+        an.warnings.append(
+            f"The paired axis {rep['paired']} has {len(_levels(plan, rep['paired']))} levels "
+            "in these runs, not two: it is analysed as an ordinary axis."
+        )
+    for q in sorted(missing):
+        an.warnings.append(f"The primary question {q!r} could not be tested (no model term).")
     return an
+
+
+def _term_key(term: str) -> frozenset:
+    """A grid-model term ("a", "a x b") as a set of axes: "b x a" is the same question."""
+    return frozenset(t.strip() for t in str(term).split(" x "))
+
+
+def dispersion(done: pd.DataFrame, axes: list, metric: str) -> pd.DataFrame:
+    """Spread across seeds per level of each axis (pooled within-cell SD) and the
+    Brown-Forsythe test of equal spread (exploratory, uncorrected): a configuration can
+    matter by making training stable rather than better on average."""
+    rows = []
+    for axis in axes:
+        by_level: dict = {}
+        for key, g in done.groupby(axes, sort=False, dropna=False):
+            key = key if isinstance(key, tuple) else (key,)
+            by_level.setdefault(key[axes.index(axis)], []).append(g[metric].astype(float).values)
+        res = st.brown_forsythe(by_level)
+        if res is None:
+            continue
+        sds = {
+            lvl: math.sqrt(
+                sum(((c - c.mean()) ** 2).sum() for c in cs if len(c) >= 2)
+                / max(1, sum(len(c) - 1 for c in cs if len(c) >= 2))
+            )
+            for lvl, cs in by_level.items()
+        }
+        rows.append(
+            {
+                "axis": axis,
+                "F": res[0],
+                "p": res[1],
+                "df": res[2],
+                "pooled_sd": {str(k): v for k, v in sds.items()},
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def per_example_evidence(an: Analysis) -> None:
+    """For every paired comparison whose runs stored their test predictions: McNemar and a
+    paired bootstrap over test examples (stats.per_example), as a second source of
+    evidence beside the paired t test over seeds. Adds the ex_* columns in place."""
+    from scalemix.report.collect import test_outcomes
+
+    comp = an.comparisons
+    if comp.empty:
+        return
+    dirs = an.runs.set_index("id").run_dir
+    rows = []
+    for _, r in comp.iterrows():
+        pairs = []
+        for a, b in zip(r.ids_a, r.ids_b):
+            oa, ob = test_outcomes(dirs[a]), test_outcomes(dirs[b])
+            if oa is not None and ob is not None and np.array_equal(oa[1], ob[1]):
+                pairs.append((oa[0] == oa[1], ob[0] == ob[1]))  # same test set, per example
+        rows.append(st.per_example(*zip(*pairs)) if pairs else {})
+    extra = pd.DataFrame(rows, index=comp.index)
+    for c in extra.columns:
+        comp[c] = extra[c]
 
 
 SCALE_SUMMARY = "final_log2_ratio"  # the one primary scale-mixing summary
@@ -342,8 +428,8 @@ def _paired_family(
     for key, g in groups:
         key = key if isinstance(key, tuple) else (key,)
         for lo, hi in pairs:
-            a = g[g[axis] == lo].set_index("seed")[metric]
-            b = g[g[axis] == hi].set_index("seed")[metric]
+            ga, gb = g[g[axis] == lo].set_index("seed"), g[g[axis] == hi].set_index("seed")
+            a, b = ga[metric], gb[metric]
             seeds = sorted(set(a.index) & set(b.index))
             if not seeds:
                 continue
@@ -351,6 +437,8 @@ def _paired_family(
             rows.append(
                 {
                     "diffs": (b[seeds].values - a[seeds].values).tolist(),
+                    "ids_a": ga.loc[seeds, "id"].tolist(),
+                    "ids_b": gb.loc[seeds, "id"].tolist(),
                     "family": family,
                     axis: hi,
                     **dict(zip(strata, key)),
@@ -474,9 +562,34 @@ def findings(an: Analysis) -> tuple[list[str], list[str]]:
     for _, r in gm.iterrows() if not gm.empty else []:
         if not isinstance(r.p, float) or math.isnan(r.p):
             continue
-        verdict = "has an effect" if r.p < st.ALPHA else "shows no detectable effect"
+        if r.get("primary", False):
+            verdict = "has an effect" if r.p_holm < st.ALPHA else "shows no detectable effect"
+            how = f"p = {r.p:.3g}, report-wide Holm {r.p_holm:.3g}; a primary question"
+        else:
+            verdict = "may have an effect" if r.p < st.ALPHA else "shows no detectable effect"
+            how = f"p = {r.p:.3g}, exploratory, uncorrected"
+        out.append(f"Grid model ({r.model}): {r.term} {verdict} (F = {r.F:.3g}, df {r.df}, {how}).")
+    disp = an.dispersion
+    for _, r in disp.iterrows() if not disp.empty else []:
+        sds = ", ".join(f"{k}: {100 * v:.2f}" for k, v in r.pooled_sd.items())
+        verdict = "differs" if r.p < st.ALPHA else "shows no detectable difference"
         out.append(
-            f"Grid model ({r.model}): {r.term} {verdict} (F = {r.F:.3g}, df {r.df}, p = {r.p:.3g})."
+            f"Spread across seeds by {r.axis} (pooled SD in points: {sds}) {verdict} "
+            f"(Brown-Forsythe F = {r.F:.3g}, df {r.df}, p = {r.p:.3g}; exploratory, uncorrected)."
+        )
+    comp = an.comparisons
+    if "ex_p_mcnemar" in comp and comp.ex_p_mcnemar.notna().any():
+        ex = comp[comp.ex_p_mcnemar.notna()]
+        top = ex.loc[ex.ex_diff.abs().idxmax()]
+        out.append(
+            f"Per test example (second source of evidence; the trained models held fixed): "
+            f"{int((ex.ex_p_mcnemar < st.ALPHA).sum())} of {len(ex)} comparisons differ by "
+            f"McNemar's exact test at {st.ALPHA} (uncorrected); the largest, {top['b']} vs "
+            f"{top['a']} at {_where(top, an, exclude=(an.paired_axis,) if an.paired_axis else ())}, "
+            f"{_pts(top.ex_diff)} (95 % bootstrap over {int(top.ex_examples)} test examples "
+            f"{100 * top.ex_ci_low:+.1f} to {100 * top.ex_ci_high:+.1f}, p = {top.ex_p_mcnemar:.3g}). "
+            "This is about these trained models on this test set; whether the configuration "
+            "wins again with new seeds is the paired t test's question."
         )
     pw = an.power
     if pw.get("binomial_se_points") is not None:

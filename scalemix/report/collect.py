@@ -5,11 +5,19 @@ settings and results from ``result.json`` (the epsilon a run spent is ``epsilon_
 so that it never collides with an ``epsilon`` axis holding the target), and summaries of its diagnostics: per block,
 the final log2 scale ratio and its mean over training (``final_log2_ratio:<block>``,
 ``mean_log2_ratio:<block>``), their means over blocks, and the final clip fraction and
-gradient SNR. ``trajectories`` returns the scale-ratio rows of every cell for plots.
+gradient SNR. ``config_key`` names the configuration without its seed (the same key in
+two grids is the same experiment). ``trajectories`` returns the scale-ratio rows of every
+cell for plots, ``learning_curves`` each evaluation (step, epsilon spent, accuracy), and
+``test_outcomes`` a run's per-example predictions and labels.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
 import pandas as pd
 
 from scalemix.ablate.store import GridDir
@@ -79,7 +87,7 @@ def collect(grid_dir) -> tuple[pd.DataFrame, dict]:
         cid = c["id"]
         d = gd.cell_dir(cid)
         res = read_json(d / "result.json") or {}
-        row = {"id": cid, "status": gd.status(cid), "seed": c["seed"]}
+        row = {"id": cid, "status": gd.status(cid), "seed": c["seed"], "run_dir": str(d)}
         row.update({k: res.get(k) for k in RESULT_KEYS})
         row["epsilon_spent"] = row.pop("epsilon")  # never confused with an epsilon axis
         row.update({a: c["axes"].get(a) for a in axes})  # axis labels win over result fields
@@ -90,7 +98,9 @@ def collect(grid_dir) -> tuple[pd.DataFrame, dict]:
         row["train_size"] = cfg.get("train_size")
         row["data_name"] = (cfg.get("data") or {}).get("name")
         row["num_classes"] = (cfg.get("data") or {}).get("num_classes")
-        row["model"] = (read_json(d / "config.json") or {}).get("config", {}).get("model")
+        config = (read_json(d / "config.json") or {}).get("config", {})
+        row["model"] = config.get("model")
+        row["config_key"] = configuration_key(config)
         row.update(_diag_summary(read_diagnostics(d)))
         rows.append(row)
     runs = pd.DataFrame(rows)
@@ -113,3 +123,48 @@ def trajectories(grid_dir, runs: pd.DataFrame, metric: str = "log2_scale_ratio")
     if not parts:
         return pd.DataFrame(columns=["id", "step", "block", "value", "source"])
     return pd.concat(parts, ignore_index=True)
+
+
+def configuration_key(config: dict) -> str | None:
+    """A short hash of a run's resolved configuration without its seed (and without what
+    does not change the experiment: output folder, threads, device, checkpoint cadence)."""
+    if not config:
+        return None
+    from scalemix.ablate.grid import resolved_dict
+    from scalemix.train.config import TrainConfig
+
+    try:
+        d = resolved_dict(TrainConfig.from_dict(config))
+    except (TypeError, ValueError):
+        return None
+    d.pop("seed", None)
+    blob = json.dumps(d, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def learning_curves(runs: pd.DataFrame) -> pd.DataFrame:
+    """Every evaluation of every finished run (epochs.csv): id, step, epsilon_spent, test_acc."""
+    parts = []
+    for cid, d in runs.loc[runs.status == "done", ["id", "run_dir"]].itertuples(index=False):
+        try:
+            df = pd.read_csv(Path(d) / "epochs.csv")
+        except (FileNotFoundError, pd.errors.EmptyDataError):
+            continue
+        df = df.rename(columns={"epsilon": "epsilon_spent"})  # never an epsilon axis
+        cols = [c for c in ("step", "epsilon_spent", "test_acc") if c in df]
+        if "step" in cols and "test_acc" in cols:
+            parts.append(df[cols].assign(id=cid))
+    if not parts:
+        return pd.DataFrame(columns=["id", "step", "epsilon_spent", "test_acc"])
+    return pd.concat(parts, ignore_index=True)
+
+
+def test_outcomes(run_dir) -> tuple[np.ndarray, np.ndarray] | None:
+    """(predicted class, true class) for every test example of a finished run, or None
+    when the run did not store them (runs older than the per-example report)."""
+    try:
+        pred = np.load(Path(run_dir) / "test_predictions.npy")
+        label = np.load(Path(run_dir) / "test_labels.npy")
+    except (FileNotFoundError, ValueError, OSError):
+        return None
+    return (pred, label) if pred.shape == label.shape else None

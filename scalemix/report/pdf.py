@@ -1,16 +1,15 @@
-"""The multi-page PDF (matplotlib): title, accuracy per axis, paired differences, scale
-ratio trajectories, signal propagation per cell, test tables, findings and caveats."""
+"""The multi-page PDF (matplotlib): the title page, the figures (figures.py), the tables,
+the findings and the caveats."""
 
 from __future__ import annotations
 
 import textwrap
 import time
 
-import numpy as np
 import pandas as pd
 
+from scalemix.report import figures
 from scalemix.report.analysis import Analysis, privacy_settings
-from scalemix.report.stats import ALPHA
 
 A4 = (8.27, 11.69)
 LANDSCAPE = (11.69, 8.27)
@@ -89,8 +88,10 @@ def _title_page(pdf, an: Analysis, plan: dict, version: str) -> None:
             else ""
         )
         + ".",
-        "Contents: accuracy per axis; paired differences; scale-ratio trajectories per block; "
-        "signal propagation at initialisation per configuration; tables of tests (Holm-corrected); "
+        "Contents: accuracy per axis (privacy-utility curve for an epsilon axis); paired "
+        "differences; stability across seeds; learning curves; scale-ratio trajectories; scale "
+        "mixing against accuracy per run; signal propagation at initialisation; tables (cells, "
+        "paired comparisons over seeds and per test example, tests with the multiplicity plan); "
         "findings; caveats.",
     ]
     if an.warnings:
@@ -122,221 +123,6 @@ def epsilon_assumptions(runs) -> list[str]:
     return sorted({a for a in runs.epsilon_assumes.dropna().tolist() if a})
 
 
-def _accuracy_page(pdf, an: Analysis, plan: dict) -> None:
-    import matplotlib.pyplot as plt
-
-    cells = an.cells
-    axes = an.axes
-    n_plots = len(axes)
-    fig, axs = plt.subplots(n_plots, 1, figsize=A4, squeeze=False)
-    for ax, axis in zip(axs[:, 0], axes):
-        levels = list(plan["grid"]["axes"][axis])
-        x = np.arange(len(levels))
-        hue = an.paired_axis if axis == an.primary and an.paired_axis else None
-        if hue:
-            done = an.runs[an.runs.status == "done"]
-            for j, h in enumerate(plan["grid"]["axes"][hue]):
-                sub = cells[cells[hue] == h]
-                shift = x + (j - 0.5) * 0.12
-                _errorbars(ax, sub, axis, levels, shift, f"{hue}={h}")
-                for i, lvl in enumerate(levels):
-                    pts = done[(done[axis] == lvl) & (done[hue] == h)][an.metric].astype(float)
-                    ax.scatter(np.full(len(pts), shift[i]), 100 * pts, s=8, color="grey", alpha=0.6)
-        else:
-            done = an.runs[an.runs.status == "done"]
-            from scalemix.report.stats import describe
-
-            rows = [describe(done[done[axis] == lvl][an.metric].astype(float)) for lvl in levels]
-            m = np.array([r.mean for r in rows])
-            lo = np.array([r.ci_low for r in rows])
-            hi = np.array([r.ci_high for r in rows])
-            ax.errorbar(
-                x,
-                100 * m,
-                yerr=100 * _yerr(m, lo, hi),
-                fmt="o-",
-                capsize=4,
-                label="mean over all other axes and seeds",
-            )
-            for i, lvl in enumerate(levels):
-                pts = done[done[axis] == lvl][an.metric].astype(float)
-                ax.scatter(np.full(len(pts), x[i]) + 0.08, 100 * pts, s=8, color="grey", alpha=0.6)
-        ax.set_xticks(x, [str(v) for v in levels])
-        ax.set_xlabel(axis)
-        ax.set_ylabel("test accuracy (%)")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-    fig.suptitle(
-        "Accuracy against each axis (mean, 95 % t CI over seeds; grey: single runs)", fontsize=11
-    )
-    fig.tight_layout()
-    pdf.savefig(fig)
-    plt.close(fig)
-
-
-def _yerr(m, lo, hi):
-    lo = np.where(np.isfinite(lo), lo, m)
-    hi = np.where(np.isfinite(hi), hi, m)
-    return np.vstack([m - lo, hi - m])
-
-
-def _errorbars(ax, sub: pd.DataFrame, axis: str, levels: list, x, label: str) -> None:
-    by = sub.groupby(axis)[["mean", "ci_low", "ci_high"]].mean()
-    m = np.array([by["mean"].get(lvl, np.nan) for lvl in levels])
-    lo = np.array([by["ci_low"].get(lvl, np.nan) for lvl in levels])
-    hi = np.array([by["ci_high"].get(lvl, np.nan) for lvl in levels])
-    ax.errorbar(x, 100 * m, yerr=100 * _yerr(m, lo, hi), fmt="o-", capsize=4, label=label)
-
-
-def _differences_page(pdf, an: Analysis) -> None:
-    import matplotlib.pyplot as plt
-
-    comp = an.comparisons
-    if comp.empty:
-        return
-    fig, ax = plt.subplots(figsize=(A4[0], min(A4[1], 2.2 + 0.45 * len(comp))))
-    strata = [a for a in an.axes if a in comp.columns and a != an.paired_axis]
-    labels = [
-        f"{r['b']} vs {r['a']}"
-        + (
-            "  |  "
-            + ", ".join(
-                f"{a}={r[a]}"
-                for a in strata
-                if a in r and str(r[a]) not in (r["b"].split("=")[-1],)
-            )
-            if strata
-            else ""
-        )
-        for _, r in comp.iterrows()
-    ]
-    y = np.arange(len(comp))[::-1]
-    m = comp.mean_diff.values * 100
-    err = _yerr(comp.mean_diff.values, comp.ci_low.values, comp.ci_high.values) * 100
-    sig = comp.p_holm.values < ALPHA
-    ax.errorbar(m, y, xerr=err, fmt="none", ecolor="grey", capsize=3)
-    if "diffs" in comp:  # each seed's difference, as a dot on its row
-        for yi, ds in zip(y, comp.diffs):
-            ax.scatter(
-                np.asarray(ds) * 100,
-                np.full(len(ds), yi - 0.18),
-                s=9,
-                color="black",
-                alpha=0.6,
-                zorder=2,
-                label="one seed" if yi == y[0] else None,
-            )
-    ax.scatter(m[sig], y[sig], color="firebrick", zorder=3, label=f"Holm p < {ALPHA}")
-    ax.scatter(m[~sig], y[~sig], color="steelblue", zorder=3, label="not significant")
-    ax.axvline(0, color="black", lw=0.8)
-    ax.set_yticks(y, labels, fontsize=8)
-    ax.set_xlabel(
-        "difference b - a (points); bar: 95 % paired-t CI\n"
-        "(the t test's own interval); colour: report-wide Holm;\ndots: each seed's difference"
-    )
-    ax.set_title("Paired differences (matched on seed)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3, axis="x")
-    fig.tight_layout()
-    pdf.savefig(fig)
-    plt.close(fig)
-
-
-def _trajectory_page(pdf, an: Analysis, traj: pd.DataFrame) -> None:
-    import matplotlib.pyplot as plt
-
-    if traj.empty:
-        return
-    runs = an.runs.set_index("id")
-    traj = traj.join(runs[an.axes], on="id")
-    blocks = list(dict.fromkeys(traj.block))
-    fig, axs = plt.subplots(len(blocks), 1, figsize=A4, squeeze=False)
-    group_axes = [a for a in an.axes]
-    cmap = plt.get_cmap("viridis")
-    keys = list(dict.fromkeys(traj[group_axes].itertuples(index=False, name=None)))
-    for ax, block in zip(axs[:, 0], blocks):
-        tb = traj[traj.block == block]
-        for key, g in tb.groupby(group_axes, sort=False):
-            key = key if isinstance(key, tuple) else (key,)
-            mean = g.groupby("step").value.mean()
-            style = "-"
-            if an.paired_axis:
-                lv = list(dict.fromkeys(an.runs[an.paired_axis]))
-                style = "-" if key[group_axes.index(an.paired_axis)] == lv[-1] else "--"
-            ax.plot(
-                mean.index,
-                mean.values,
-                style,
-                color=cmap(keys.index(key) / max(1, len(keys) - 1)),
-                label=", ".join(f"{a}={v}" for a, v in zip(group_axes, key)),
-                lw=1.2,
-            )
-        ax.set_title(f"{block}: log2 rms(branch) / rms(skip), mean over seeds", fontsize=10)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    axs[0, 0].legend(fontsize=6, ncol=2, loc="best", framealpha=0.6)
-    source = set(traj.source)
-    note = (
-        "read from training batches: NOT covered by DP"
-        if "train" in source
-        else "read from a held-out probe batch"
-    )
-    fig.suptitle(f"Scale-ratio trajectories per block ({note})", fontsize=11)
-    fig.tight_layout()
-    pdf.savefig(fig)
-    plt.close(fig)
-
-
-def _spp_page(pdf, an: Analysis) -> None:
-    """Signal propagation at initialisation for each distinct model configuration."""
-    import matplotlib.pyplot as plt
-    import torch
-
-    from scalemix.diagnostics import signal_propagation
-    from scalemix.models import create_model
-
-    done = an.runs[an.runs.status == "done"].drop_duplicates(subset=[a for a in an.axes])
-    if done.empty or done.model_axes.isna().all():
-        return
-    fig, axs = plt.subplots(3, 1, figsize=A4, sharex=True)
-    seen = {}
-    for _, r in done.iterrows():
-        axes_d, shape = r.model_axes, r.image_shape
-        if not isinstance(axes_d, dict) or not shape:
-            continue
-        key = (r.model, tuple(sorted(axes_d.items())))
-        label = ", ".join(f"{a}={r[a]}" for a in an.axes)
-        if key in seen:
-            continue
-        torch.manual_seed(0)
-        model = create_model(r.model, num_classes=10, in_channels=shape[0], **axes_d)
-        x = torch.randn(64, *shape)
-        seen[key] = signal_propagation(model, x)
-        rows = seen[key]
-        idx = [row["index"] for row in rows]
-        for ax, stat in zip(axs, ("avg_sq_mean", "avg_var", "res_avg_var")):
-            vals = [np.nan if row[stat] is None else row[stat] for row in rows]
-            ax.plot(idx, vals, marker="o", label=label, lw=1)
-    for ax, stat in zip(
-        axs,
-        ("average squared channel mean", "average channel variance", "residual-branch variance"),
-    ):
-        ax.set_ylabel(stat, fontsize=9)
-        ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-    axs[-1].set_xlabel("residual block (0 = stem)")
-    from matplotlib.ticker import MaxNLocator
-
-    axs[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
-    axs[0].legend(fontsize=6, ncol=2)
-    fig.suptitle(
-        "Signal propagation at initialisation, N(0, 1) input, per configuration", fontsize=11
-    )
-    fig.tight_layout()
-    pdf.savefig(fig)
-    plt.close(fig)
-
-
 def _table_page(pdf, title: str, frame: pd.DataFrame, note: str = "") -> None:
     import matplotlib.pyplot as plt
 
@@ -362,7 +148,13 @@ def _table_page(pdf, title: str, frame: pd.DataFrame, note: str = "") -> None:
 
 
 def write_pdf(
-    path, an: Analysis, plan: dict, traj: pd.DataFrame, tables: dict, version: str
+    path,
+    an: Analysis,
+    plan: dict,
+    traj: pd.DataFrame,
+    curves: pd.DataFrame,
+    tables: dict,
+    version: str,
 ) -> int:
     """Write the report; return the number of pages."""
     import matplotlib
@@ -372,10 +164,14 @@ def write_pdf(
 
     with PdfPages(path) as pdf:
         _title_page(pdf, an, plan, version)
-        _accuracy_page(pdf, an, plan)
-        _differences_page(pdf, an)
-        _trajectory_page(pdf, an, traj)
-        _spp_page(pdf, an)
+        figures.accuracy_page(pdf, an, plan)
+        figures.privacy_utility_page(pdf, an)
+        figures.differences_page(pdf, an)
+        figures.dispersion_page(pdf, an)
+        figures.learning_curves_page(pdf, an, curves)
+        figures.trajectory_page(pdf, an, traj)
+        figures.scale_vs_accuracy_page(pdf, an)
+        figures.spp_page(pdf, an)
         _table_page(
             pdf,
             "Accuracy per cell",
@@ -387,17 +183,30 @@ def write_pdf(
             pdf,
             "Paired comparisons",
             tables["comparisons"],
-            "Differences b - a in accuracy points, matched on seed. p (t): paired t test, the primary test, "
-            "Holm-corrected within each family; p (W): Wilcoxon signed-rank as a robustness check; d_z: mean/sd "
-            "of the differences; P(b>a): probability of improvement.",
+            "Differences b - a in accuracy points, matched on seed. p (t): paired t test (the primary test; "
+            "its CI is the interval it inverts), uncorrected and with the report-wide Holm; p (W): exact "
+            "Wilcoxon signed-rank, Holm over the Wilcoxon tests (robustness); g_z: Hedges' small-sample "
+            "corrected effect size with a noncentral-t CI; P(b>a): probability of improvement over all "
+            "pairs of runs (ties 1/2), Hanley-McNeil CI.",
+        )
+        _table_page(
+            pdf,
+            "Paired comparisons per test example (second source of evidence)",
+            tables.get("per_example", pd.DataFrame()),
+            "The same comparisons scored example by example on the shared test set, pooled over the "
+            "matched seeds: McNemar's exact test on the discordant examples and a bootstrap over test "
+            "examples (the same examples resampled for every seed). Both hold the trained models fixed: "
+            "they measure test-set noise only, not seed-to-seed variation. Uncorrected.",
         )
         _table_page(
             pdf,
             "Omnibus tests, the grid model, and scale mixing vs accuracy",
             tables["omnibus_corr"],
             "Friedman (blocked by seed) with a permutation p-value, else Kruskal-Wallis; the grid model "
-            "fits every axis and interaction with seed as block; primary p-values are Holm-corrected "
-            "report-wide; Spearman rho (95 % Fisher-z CI) is exploratory and uncorrected.",
+            "fits every axis and interaction with seed as block; the primary questions (the comparisons, "
+            "the omnibus tests and the model terms named in the grid's [report] questions) are Holm-"
+            "corrected report-wide; everything else is exploratory and uncorrected. Brown-Forsythe: "
+            "ANOVA on each run's distance to its cell's median. Spearman rho with a 95 % Fisher-z CI.",
         )
         _text_page(
             pdf,

@@ -822,16 +822,17 @@ class Trainer:
             self.log(a["alarm_message"])
 
     def _save_test_predictions(self) -> None:
-        """The final model's class for every test example (test_predictions.npy): runs on
+        """The final model's class for every test example (test_predictions.npy, with the
+        test labels beside it in test_labels.npy): runs on
         the same test set can then be compared example by example (McNemar, paired
         bootstrap over test examples). Taken from the last step's evaluation; evaluated
         again only when this process did not evaluate the final model (a resume at the end)."""
         preds = self.test_predictions
         if preds is None or self.last_eval.get("step") != self.step:
             preds = self.evaluate(self.model)[2]
-        np.save(
-            Path(self.run_dir.root) / "test_predictions.npy", preds.to(torch.int16).cpu().numpy()
-        )
+        root = Path(self.run_dir.root)
+        np.save(root / "test_predictions.npy", preds.to(torch.int16).cpu().numpy())
+        np.save(root / "test_labels.npy", self.test_y.to(torch.int16).cpu().numpy())
 
     def _save_final_model(self) -> None:
         state = {"model": self.model.state_dict(), "config": self.cfg.as_dict()}
