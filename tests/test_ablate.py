@@ -41,9 +41,6 @@ diag_every = 2
 
 [axes]
 {axes}
-
-[report]
-primary = "groups"
 """
 
 
