@@ -21,6 +21,7 @@ ACCOUNTANTS = ("prv", "rdp")
 NOISE_MODES = ("secure", "seeded")
 SAMPLERS = ("poisson", "shuffle")
 DP_ENGINES = ("scalemix", "vmap")
+PRECISIONS = ("fp32", "bf16")  # bf16: autocast forward/backward; norms, clipping, noise fp32
 CANARY_KINDS = ("gradient", "input")
 # optimisation, diagnostics, run
 OPTIMIZERS = ("sgd", "momentum", "nadam")

@@ -92,9 +92,12 @@ def test_bench_train_against_opacus_recipe_on_digits():
         "1",
         "--rounds",
         "1",
+        "--non-private-baseline",
         "--json",
     )
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
-    assert res["images_per_second"]["scalemix"] > 0 and res["images_per_second"]["opacus"] > 0
-    assert res["speedup"] > 0
+    ips = res["images_per_second"]
+    assert ips["scalemix"] > 0 and ips["opacus"] > 0 and ips["non-private"] > 0
+    assert res["speedup"] == ips["scalemix"] / ips["opacus"]
+    assert res["share_of_non_private"] == ips["scalemix"] / ips["non-private"]

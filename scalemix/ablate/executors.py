@@ -65,10 +65,12 @@ def _pool_task(root: str, cid: str, threads: int, retry_failed: bool, wandb) -> 
     return cid, status
 
 
-def run_local(root, ids, *, workers: int, retry_failed: bool, wandb, tick) -> dict[str, str]:
+def run_local(
+    root, ids, *, workers: int, retry_failed: bool, wandb, tick, cells_per_gpu: int = 1
+) -> dict[str, str]:
     gpus = gpu_count()
-    if gpus:
-        workers = min(workers, gpus)
+    if gpus:  # K small cells share each GPU (worker i gets GPU i mod gpus)
+        workers = min(workers, gpus * cells_per_gpu)
     threads = max(1, cpu_threads() // workers)
     ctx = mp.get_context("spawn")
     counter = ctx.Value("i", 0)
@@ -131,6 +133,7 @@ def run_slurm(
     time_min: int = 240,
     gpus_per_task: int = 1,
     cpus_per_task: int = 8,
+    tasks_per_cell: int = 1,
 ) -> dict[str, str]:
     try:
         import submitit
@@ -145,10 +148,12 @@ def run_slurm(
         )
     ex = submitit.AutoExecutor(folder=str(root / "slurm" / "%j"), cluster=cluster)
     params = {"timeout_min": time_min, "slurm_array_parallelism": workers}
+    if tasks_per_cell > 1:  # one data-parallel rank per task (and per GPU on SLURM)
+        params["tasks_per_node"] = tasks_per_cell
     if cluster == "slurm":
         params.update(
             slurm_partition=partition,
-            gpus_per_node=gpus_per_task,
+            gpus_per_node=gpus_per_task * tasks_per_cell,
             cpus_per_task=cpus_per_task,
             name="scalemix-ablate",
         )

@@ -58,6 +58,7 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 NOT_HASHED = ("out", "threads", "device", "checkpoint_every")
+HASHED_UNLESS_DEFAULT = {"precision": "fp32"}
 
 
 def grid_dirs() -> list[Path]:
@@ -257,6 +258,9 @@ def resolved_dict(cfg: TrainConfig) -> dict:
     d.update(cfg.model_axes().as_dict())  # fill in the architecture's default axes
     for k in NOT_HASHED:
         d.pop(k, None)
+    for k, default in HASHED_UNLESS_DEFAULT.items():  # fields added later: old ids stay valid
+        if d.get(k) == default:
+            d.pop(k)
     return d
 
 

@@ -99,6 +99,7 @@ def ablate(
     retry_failed: bool = False,
     wandb=None,
     slurm: dict | None = None,
+    cells_per_gpu: int = 1,
     log=print,
     max_rounds: int = 100,
 ) -> dict:
@@ -133,7 +134,7 @@ def ablate(
             if executor == "slurm":
                 res = run_slurm(gd.root, runnable, **kw, **(slurm or {}))
             else:
-                res = run_local(gd.root, runnable, **kw)
+                res = run_local(gd.root, runnable, **kw, cells_per_gpu=cells_per_gpu)
             retried.update(cid for cid, s in res.items() if s == "failed")
             if gd.stop_requested():
                 raise KeyboardInterrupt("stop requested")

@@ -26,13 +26,20 @@ def run_cell(
     device: str | None = None,
     retry_failed: bool = False,
     wandb=None,
+    on_decision=None,
 ) -> str:
+    """Train one cell unless it is finished, taken or the grid is stopping.
+    ``on_decision(train_it)`` (data-parallel jobs) is told once whether training starts."""
+    decide = on_decision or (lambda _: None)
     gd = GridDir(root)
     if gd.stop_requested():  # the grid is being stopped: start nothing new
+        decide(False)
         return "stopped"
     lock = gd.lock(cid)
     if not lock.acquire():
+        decide(False)
         return "taken"
+    decided = False
     try:
         res = gd.result(cid)
         if res is not None:
@@ -41,6 +48,8 @@ def run_cell(
             if res.get("status") == "failed" and not retry_failed:
                 return "failed"
             (gd.cell_dir(cid) / "result.json").unlink(missing_ok=True)
+        decide(True)
+        decided = True
         man = gd.manifest(cid)
         d = gd.cell_dir(cid)
         cfg = TrainConfig.from_dict(man["config"]).replace(out=str(d), threads=threads)
@@ -90,12 +99,65 @@ def run_cell(
                 return "failed"
         return result["status"]
     finally:
+        if not decided:
+            decide(False)
         lock.release()
 
 
 def run_cell_job(root: str, cid: str, threads: int | None, retry_failed: bool, wandb) -> str:
-    """The SLURM (submitit) entry point: one array task per cell."""
+    """The SLURM (submitit) entry point: one array job per cell. A job of several tasks
+    (--gpus-per-cell G) trains its cell with G data-parallel ranks: the tasks form one
+    torch.distributed group (rank and world size from submitit's JobEnvironment), rank 0
+    takes the cell's lock and decides whether there is work, and tells the others."""
     from scalemix.runtime import keep_cpu_memory
 
     keep_cpu_memory()
-    return run_cell(root, cid, threads=threads, retry_failed=retry_failed, wandb=wandb)
+    ranks = _job_ranks()
+    if ranks is None:
+        return run_cell(root, cid, threads=threads, retry_failed=retry_failed, wandb=wandb)
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    if rank == 0:
+        return run_cell(
+            root,
+            cid,
+            threads=threads,
+            retry_failed=retry_failed,
+            wandb=wandb,
+            on_decision=_tell_ranks,
+        )
+    if not _tell_ranks(None):  # rank 0 found nothing to train
+        return "skipped"
+    d = GridDir(root).cell_dir(cid)
+    cfg = TrainConfig.from_dict(GridDir(root).manifest(cid)["config"])
+    cfg = cfg.replace(out=str(d), threads=threads)
+    return train(cfg, resume=True, progress=False, log=lambda *_: None)["status"]
+
+
+def _job_ranks():
+    """Inside a submitit job of several tasks: join its process group; else None."""
+    try:
+        import submitit
+
+        env = submitit.JobEnvironment()
+    except (ImportError, RuntimeError):
+        return None
+    if env.num_tasks < 2:
+        return None
+    import torch
+    import torch.distributed as dist
+    from submitit.helpers import TorchDistributedEnvironment
+
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=torch.cuda.is_available())
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return env.num_tasks
+
+
+def _tell_ranks(train_it: bool | None) -> bool:
+    """Rank 0 broadcasts whether the cell trains; the other ranks receive it."""
+    import torch.distributed as dist
+
+    box = [train_it]
+    dist.broadcast_object_list(box, src=0)
+    return bool(box[0])

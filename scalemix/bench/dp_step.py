@@ -282,11 +282,17 @@ def run_bench(
     }
     for e in engines:
         med = statistics.median(times[e])
+        # the ratio in each round (engine and baseline timed back to back): its spread is
+        # how far one run of this benchmark can move the headline ratio
+        per_round = sorted(t / b for t, b in zip(times[e], times["nonprivate"]))
         result["engines"][e] = {
             "median_ms": med,
             "min_ms": min(times[e]),
             "max_ms": max(times[e]),
             "ratio": med / base,
+            "ratio_rounds_median": statistics.median(per_round),
+            "ratio_rounds_min": per_round[0],
+            "ratio_rounds_max": per_round[-1],
             "peak_mb": peaks.get(e),
             "memory_ratio": (peaks[e] / base_mem) if memory and base_mem else None,
         }

@@ -83,26 +83,44 @@ def _opacus_pipeline(cfg: TrainConfig, data, device):
     return logical_step
 
 
-def run_e2e(cfg: TrainConfig, steps: int = 5, rounds: int = 2, log=print) -> dict:
+def run_e2e(
+    cfg: TrainConfig,
+    steps: int = 5,
+    rounds: int = 2,
+    log=print,
+    non_private: bool = False,
+    opacus: bool = True,
+) -> dict:
+    """images/s of each pipeline over ``rounds`` alternating rounds of ``steps`` logical
+    steps. ``non_private``: also the same scalemix loop with ``--non-private`` (the
+    baseline of the DP pipeline's share); ``opacus``: the founding paper's recipe."""
     data = load_data(cfg.data, cfg.data_dir, size=cfg.image_size)
+    pipes = {}
     trainer = Trainer(cfg, data=data, progress=False, log=lambda *_: None)
-    opacus_step = _opacus_pipeline(cfg, data, trainer.device)
-    trainer.train_step()  # warm-up
-    opacus_step()
-    totals = {"scalemix": [0, 0.0], "opacus": [0, 0.0]}
+    pipes["scalemix"] = lambda: trainer.train_step()["batch"]
+    if non_private:
+        plain = Trainer(
+            cfg.replace(non_private=True, out=cfg.out + "-np"),
+            data=data,
+            progress=False,
+            log=lambda *_: None,
+        )
+        pipes["non-private"] = lambda: plain.train_step()["batch"]
+    if opacus:
+        pipes["opacus"] = _opacus_pipeline(cfg, data, trainer.device)
+    for step in pipes.values():
+        step()  # warm-up
+    totals = {k: [0, 0.0] for k in pipes}
     for r in range(rounds):
-        for name in ("scalemix", "opacus"):
+        for name, step in pipes.items():
             t0 = time.perf_counter()
-            n = 0
-            for _ in range(steps):
-                n += trainer.train_step()["batch"] if name == "scalemix" else opacus_step()
+            n = sum(step() for _ in range(steps))
             totals[name][0] += n
             totals[name][1] += time.perf_counter() - t0
             log(f"round {r + 1}/{rounds} {name}: {n} images in {time.perf_counter() - t0:.1f}s")
     ips = {k: n / t for k, (n, t) in totals.items()}
-    return {
+    out = {
         "images_per_second": ips,
-        "speedup": ips["scalemix"] / ips["opacus"],
         "batch_size": cfg.batch_size,
         "physical_batch": cfg.physical_batch,
         "model": cfg.model,
@@ -110,3 +128,8 @@ def run_e2e(cfg: TrainConfig, steps: int = 5, rounds: int = 2, log=print) -> dic
         "steps_per_round": steps,
         "rounds": rounds,
     }
+    if "opacus" in ips:
+        out["speedup"] = ips["scalemix"] / ips["opacus"]
+    if "non-private" in ips:
+        out["share_of_non_private"] = ips["scalemix"] / ips["non-private"]
+    return out

@@ -55,7 +55,19 @@ def ablate(
     slurm_time: int = typer.Option(
         240, help="Minutes per cell (job time limit).", rich_help_panel=SLURM
     ),
-    slurm_gpus: int = typer.Option(1, help="GPUs per cell.", rich_help_panel=SLURM),
+    slurm_gpus: int = typer.Option(1, help="GPUs per task.", rich_help_panel=SLURM),
+    gpus_per_cell: int = typer.Option(
+        1,
+        "--gpus-per-cell",
+        help="Data-parallel ranks per cell (SLURM: a G-task job, one GPU per task; the tasks "
+        "form one torch.distributed group). Same epsilon as one rank.",
+        rich_help_panel=SLURM,
+    ),
+    cells_per_gpu: int = typer.Option(
+        1,
+        "--cells-per-gpu",
+        help="Local executor with GPUs: K small cells share each GPU (workers = GPUs x K).",
+    ),
     slurm_cpus: int = typer.Option(8, help="CPUs per cell.", rich_help_panel=SLURM),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
 ) -> int:
@@ -105,7 +117,15 @@ def ablate(
         "time_min": slurm_time,
         "gpus_per_task": slurm_gpus,
         "cpus_per_task": slurm_cpus,
+        "tasks_per_cell": gpus_per_cell,
     }
+    if gpus_per_cell < 1 or cells_per_gpu < 1:
+        raise ConfigError("--gpus-per-cell and --cells-per-gpu are 1 or more")
+    if gpus_per_cell > 1 and executor != "slurm":
+        raise ConfigError(
+            "--gpus-per-cell runs a cell as a multi-task SLURM job: add --executor slurm "
+            "(for one run on this machine, use 'scalemix train --nproc N')"
+        )
     log(
         f"grid {g.name}{f' (preset {preset})' if preset else ''}: {len(cells)} cells -> {out} ({executor}, {workers} worker(s))"
     )
@@ -124,6 +144,7 @@ def ablate(
                 retry_failed=retry_failed,
                 wandb=tracking,
                 slurm=slurm,
+                cells_per_gpu=cells_per_gpu,
                 log=log,
             )
     except KeyboardInterrupt:

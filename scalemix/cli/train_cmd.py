@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -137,6 +138,12 @@ def train(
         help="Per-example clipping engine: scalemix (fast: book-keeping with ghost norms) | vmap (torch.func reference).",
         rich_help_panel=PRIVACY,
     ),
+    precision: str = typer.Option(
+        _DEF.precision,
+        help="fp32 | bf16: forward and backward under bf16 autocast; per-example norms, clip "
+        "factors, the clipped sum and the noise stay fp32, so the bound C holds exactly.",
+        rich_help_panel=RUN,
+    ),
     epochs: float = typer.Option(
         _DEF.epochs,
         help="Expected passes over the data (steps = round(epochs / q)); may be fractional.",
@@ -243,6 +250,14 @@ def train(
     quiet: bool = typer.Option(
         False, "--quiet", "-q", help="No progress bar or epoch lines.", rich_help_panel=RUN
     ),
+    nproc: int = typer.Option(
+        1,
+        "--nproc",
+        help="Data-parallel ranks on this machine (launches torchrun; gloo on CPU, NCCL on "
+        "GPUs): each rank samples its shard with the same q and adds its share of the noise; "
+        "one all-reduce per step. Same epsilon, same result directory.",
+        rich_help_panel=RUN,
+    ),
 ) -> int:
     """Train one model with DP-SGD (or --non-private) and write a run directory.
 
@@ -251,7 +266,12 @@ def train(
     (--epsilon, --delta, --epochs) with the PRV accountant unless --sigma is given. The
     reported accuracy is the final step's, never the best epoch's.
     """
+    if nproc != 1:
+        return _launch_ranks(nproc)
+    rank = int(os.environ.get("RANK", "0"))  # under torchrun only rank 0 speaks
+    quiet = quiet or rank > 0
     values = dict(ctx.params)
+    values.pop("nproc")
     for k in ("resume", "resume_diverged", "quiet", "no_ema", "config", "set_", *TRACKING_FLAGS):
         values.pop(k)
     if no_ema:
@@ -319,6 +339,8 @@ def train(
             err=True,
         )
         return 130
+    if rank > 0:
+        return 0 if result["status"] == "done" else 1
     typer.echo(json.dumps({k: result[k] for k in _SHOWN if k in result}))
     if result.get("epsilon_assumes") and not quiet:
         log(f"note: {result['epsilon_assumes']}")
@@ -428,3 +450,26 @@ def _describe(cfg: TrainConfig) -> str:
         f"placement={axes.placement} ws={axes.ws} act={axes.act} | data={cfg.data} | {mode} "
         f"C={cfg.clip} B={cfg.batch_size} K={cfg.aug_mult} epochs={cfg.epochs:g} noise={cfg.noise} -> {cfg.out}"
     )
+
+
+def _launch_ranks(nproc: int) -> int:
+    """Run this same command on ``nproc`` ranks through torchrun; return its exit code."""
+    import subprocess
+    import sys
+
+    from scalemix.train.distributed import launch_command
+
+    argv = sys.argv[sys.argv.index("train") + 1 :]
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            rest.append(a)
+    cmd = launch_command(nproc, rest)
+    try:
+        return subprocess.run(cmd).returncode
+    except KeyboardInterrupt:
+        return 130

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch.func import vjp, vmap
 
 from scalemix.engine.base import ChunkResult, Engine, clip_factors, view_averaged_loss
-from scalemix.errors import ConfigError, Diverged
+from scalemix.errors import ConfigError
 from scalemix.models.layers import PublicBatchNorm, WSConv2d
 
 
@@ -222,12 +222,14 @@ class GhostEngine(Engine):
         finishers = []
 
         def on_grad(layer: _Layer, g: torch.Tensor) -> None:
-            a, g = layer.a, g.detach()
+            # under bf16 autocast: norms, clip factors and the clipped sum in fp32
+            a, g = layer.a.to(self.sum_dtype), g.detach().to(self.sum_dtype)
             layer.a = None  # from here on only what the clipped sum needs is kept
-            if layer.kind in ("conv", "wsconv", "linear"):
-                sq, fin = self._matmul_layer(layer, a, g, b, k)
-            else:
-                sq, fin = self._norm_layer(layer, a, g, b, k)
+            with torch.autocast(a.device.type, enabled=False):
+                if layer.kind in ("conv", "wsconv", "linear"):
+                    sq, fin = self._matmul_layer(layer, a, g, b, k)
+                else:
+                    sq, fin = self._norm_layer(layer, a, g, b, k)
             for i, s in zip(layer.param_idx, sq):
                 layer_sq[i] = s
             finishers.append((layer, fin))
@@ -248,6 +250,7 @@ class GhostEngine(Engine):
         for layer in self.layers:
             layer.a, layer.calls = None, 0
         handles = [layer.module.register_forward_hook(forward_hook(layer)) for layer in self.layers]
+        self.sum_dtype = self.params[0].dtype  # the parameters' precision, never lower
         xin = x.reshape(b * k, *x.shape[2:]).detach().requires_grad_(True)
         try:
             logits = self.model(xin)
@@ -264,10 +267,13 @@ class GhostEngine(Engine):
             raise ConfigError(
                 f"engine 'scalemix': {type(missing[0].module).__name__} got no gradient; use --engine vmap"
             )
+        with torch.autocast(x.device.type, enabled=False):
+            return self._finish(layer_sq, finishers, loss, correct, b)
+
+    def _finish(self, layer_sq, finishers, loss, correct, b) -> ChunkResult:
+        """Norms, clip factors and the clipped sum, in the parameters' precision."""
         layer_sq_t = torch.stack(layer_sq)  # (P, b)
         norms = layer_sq_t.sum(0).sqrt()
-        if not torch.isfinite(norms).all():
-            raise Diverged("non-finite per-example gradient")
         c = torch.ones_like(norms) if self.clip is None else clip_factors(norms, self.clip)
         grads: list[torch.Tensor | None] = [None] * len(self.params)
         for layer, fin in finishers:

@@ -14,7 +14,6 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 from scalemix.engine.base import ChunkResult, Engine, clip_factors
-from scalemix.errors import Diverged
 
 
 class VmapEngine(Engine):
@@ -48,8 +47,6 @@ class VmapEngine(Engine):
         b = x.shape[0]
         layer_sq = torch.stack([gi.reshape(b, -1).pow(2).sum(1) for gi in g])  # (P, B)
         norms = layer_sq.sum(0).sqrt()
-        if not torch.isfinite(norms).all():
-            raise Diverged("non-finite per-example gradient")
         if self.clip is None:
             factors = torch.ones_like(norms)
         else:

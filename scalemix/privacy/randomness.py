@@ -182,7 +182,7 @@ class SecretStream:
 class RunRandomness:
     """Every random stream of one run, and the statement of what epsilon assumes."""
 
-    def __init__(self, mode: str, seed: int, device: torch.device | str = "cpu"):
+    def __init__(self, mode: str, seed: int, device: torch.device | str = "cpu", rank: int = 0):
         if mode not in (*NOISE_MODES, "public"):
             raise ConfigError(f"--noise {mode!r} is not one of: {', '.join(NOISE_MODES)}")
         self.mode, self.seed, self.device = mode, int(seed), torch.device(device)
@@ -197,8 +197,11 @@ class RunRandomness:
             run_key = hmac.new(
                 seed_key, _SEEDED_CONTEXT + str(self.seed).encode(), hashlib.sha256
             ).digest()
-        self.sampler = SecretStream(run_key, "sampler")
-        self.noise = SecretStream(run_key, "noise")
+        # data-parallel rank r > 0 (train/distributed.py): its own sampler and noise share,
+        # independent of every other rank's; rank 0 is the single-process run
+        suffix = f"/rank{rank}" if rank else ""
+        self.sampler = SecretStream(run_key, "sampler" + suffix)
+        self.noise = SecretStream(run_key, "noise" + suffix)
         self.canary = SecretStream(run_key, "canary")  # audit canaries: coins, coordinates
         del run_key
         # Public streams: the model seed is published, and so may be everything it drives.

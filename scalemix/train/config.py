@@ -22,6 +22,7 @@ from scalemix.choices import (
     DP_ENGINES,
     NOISE_MODES,
     OPTIMIZERS,
+    PRECISIONS,
     SAMPLERS,
     SCHEDULES,
 )
@@ -59,6 +60,7 @@ class TrainConfig:
     audit_canaries: int = 0  # M canaries for a one-run privacy audit (0: none); see scalemix.audit
     canary_kind: str = "gradient"  # gradient (white box, Dirac) | input (black box, mislabelled)
     engine: str = "scalemix"  # per-example engine: scalemix (fast, ghost norms) | vmap (reference)
+    precision: str = "fp32"  # fp32 | bf16 (autocast; norms, clip factors, sums, noise in fp32)
     # --- optimisation
     epochs: float = 10.0  # passes over the data in expectation: steps = round(epochs / q)
     batch_size: int = 256  # expected logical batch size (what the accountant assumes)
@@ -230,4 +232,9 @@ class TrainConfig:
         elif self.epsilon is None or not (math.isfinite(self.epsilon) and self.epsilon > 0):
             raise ConfigError(f"--epsilon must be a positive number, got {self.epsilon}")
         choice(self.engine, DP_ENGINES, "--engine")
+        choice(self.precision, PRECISIONS, "--precision")
+        if self.precision == "bf16" and self.engine != "scalemix":
+            raise ConfigError(
+                "--precision bf16 needs --engine scalemix (it keeps the norms in fp32)"
+            )
         return self

@@ -17,6 +17,7 @@ the last step; the reported accuracy is the last one, never the best.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 import traceback
@@ -49,6 +50,7 @@ from scalemix.privacy.disclosure import NOT_COVERED, statement
 from scalemix.privacy.mechanism import noisy_mean
 from scalemix.runtime import keep_cpu_memory
 from scalemix.train.config import TrainConfig
+from scalemix.train.distributed import World
 from scalemix.train.ema import EMA
 from scalemix.train.optim import make_optimizer, make_schedule
 from scalemix.train.rundir import CsvLog, RunDir, read_json, save_atomic, write_json_atomic
@@ -107,24 +109,42 @@ class Trainer:
         progress: bool = True,
         log=print,
         wandb: WandbSettings | None = None,
+        world: World | None = None,
     ):
-        self.cfg = cfg.validate()
+        cfg = cfg.validate()
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.device = resolve_device(cfg.device)
+        # Data-parallel ranks (train/distributed.py): rank 0 writes the run directory,
+        # rank r > 0 only its logs, under ranks/<r>/.
+        self.world = world or World.from_env(self.device)
+        self.main_dir = RunDir(cfg.out)  # rank 0's directory: it holds the run's checkpoint
+        if self.world.distributed:
+            if cfg.audit_canaries:
+                raise ConfigError(
+                    "--audit-canaries needs one process: audit a single-rank run of the same configuration"
+                )
+            if cfg.sampler != "poisson":
+                raise ConfigError("several ranks need --sampler poisson (each samples its shard)")
+            if self.world.rank > 0:
+                cfg = cfg.replace(out=str(Path(cfg.out) / "ranks" / str(self.world.rank)))
+                progress, log, wandb = False, (lambda *_: None), None
+        self.cfg = cfg
         self.resume_diverged = resume_diverged
         self.wandb_settings = wandb
         self.wandb = None
         self.log = log
         self.progress = progress
         self.run_dir = RunDir(cfg.out)
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        self.device = resolve_device(cfg.device)
         if self.device.type == "cpu":
             keep_cpu_memory()
         self._check_out_dir(resume)
 
         self.private = not cfg.non_private
         # Every random stream of the run, and who may know it: privacy/randomness.py.
-        self.rng = RunRandomness(cfg.noise if self.private else "public", cfg.seed, self.device)
+        self.rng = RunRandomness(
+            cfg.noise if self.private else "public", cfg.seed, self.device, rank=self.world.rank
+        )
 
         # ---- data (uint8 on the device; normalised per chunk)
         data = data or load_data(cfg.data, cfg.data_dir, download=cfg.download, size=cfg.image_size)
@@ -205,7 +225,10 @@ class Trainer:
                 )
         else:
             self.ledger, self.sigma = None, 0.0
-        if cfg.sampler == "poisson":  # every canary gets a uniform too (see scalemix.audit)
+        self.shard = self.world.shard(self.n) if self.world.distributed else None
+        if self.shard is not None:  # this rank's examples, Poisson with the run's q
+            self.sampler = PoissonSampler(len(self.shard), self.q, self.rng.sampler)
+        elif cfg.sampler == "poisson":  # every canary gets a uniform too (see scalemix.audit)
             self.sampler = PoissonSampler(self.n + cfg.audit_canaries, self.q, self.rng.sampler)
         else:
             self.sampler = ShuffleSampler(self.n, cfg.batch_size, cfg.seed)
@@ -256,8 +279,9 @@ class Trainer:
         self._committed_rng = self._rng_state()
         self.resumed_from = None
         self.abandoned_steps = 0  # steps of diverged attempts: released, so in the ledger
-        if resume and self.run_dir.checkpoint.exists():
+        if resume and self.main_dir.checkpoint.exists():
             self._load_checkpoint()
+        self.world.agree(self.step, "the step to resume from", self.device)
         if resume and self.run_dir.divergence.exists():
             self._count_diverged_attempt()
         if resume:
@@ -408,6 +432,8 @@ class Trainer:
         cfg, dev = self.cfg, self.device
         t0 = time.perf_counter()
         idx = self.sampler.next()  # on the CPU
+        if self.shard is not None:
+            idx = self.shard[idx]
         canaries_in = None
         if self.canaries is not None:
             idx, canaries_in = self.canaries.split(idx, self.n)
@@ -422,7 +448,7 @@ class Trainer:
         diag = self.diag
         diag.begin_step(self.step + 1)
         for i, (x, y) in enumerate(self._chunks(idx)):
-            with diag.chunk_context(i):
+            with diag.chunk_context(i), self._autocast():
                 r = self.engine(x, y)
             diag.after_chunk(i, x, r)
             torch._foreach_add_(grads, r.grads)
@@ -430,26 +456,42 @@ class Trainer:
             correct += r.correct
             if r.norms is not None:
                 norms.append(r.norms)
-        if not torch.isfinite(loss_sum):
-            raise Diverged(f"non-finite training loss at step {self.step + 1}")
+        # one host synchronisation per step, whatever the number of chunks and layers: is
+        # anything non-finite (loss or a per-example norm)? Nothing is released if so, and
+        # every rank stops at the same step.
+        bad = ~torch.isfinite(loss_sum)
+        if norms:
+            bad = bad | ~torch.isfinite(torch.cat(norms)).all()
+        if self.world.any(bool(bad), dev):
+            raise Diverged(
+                f"non-finite training loss or per-example gradient at step {self.step + 1}"
+            )
+        b_local = len(idx)
+        if self.world.distributed:
+            counts = torch.stack([loss_sum, correct, torch.tensor(float(b_local), device=dev)])
+            self.world.all_reduce_([counts])
+            loss_sum, correct, b_total = counts[0], counts[1], int(counts[2].item())
+        else:
+            b_total = b_local
         diag.before_noise(grads)
         released = grads
         if canaries_in is not None:  # gradient canaries: their own coordinates, same mechanism
             audit_vec = self.canaries.audit_vector(dev, grads[0].dtype)
             self.canaries.add_gradients(audit_vec, canaries_in, cfg.clip)
             released = [*grads, audit_vec]  # one noise draw covers it like every parameter
-        noisy_mean(
+        noisy_mean(  # with N ranks each adds a share of variance sigma^2 C^2 / N
             released,
-            sigma=self.sigma,
+            sigma=self.sigma / math.sqrt(self.world.size),
             clip=cfg.clip if self.private else None,
             expected_batch_size=cfg.batch_size,
             noise=self.noise,
         )
+        self.world.all_reduce_(released)  # the one collective: noisy shares, summed
         observed = None
         if canaries_in is not None:  # the white-box view: the noisy sum on the audit vector
             observed = self.canaries.observe(released[-1]) * cfg.batch_size
         diag_rows = diag.end_step(self.step + 1)
-        b = len(idx)
+        b = b_total
         row = {
             "step": self.step + 1,
             "epoch": (self.step + 1) * self.q,  # expected passes over the data
@@ -487,6 +529,13 @@ class Trainer:
                 self.diag_log.append(drow)
         self.last_diag = diag_rows
         return row
+
+    def _autocast(self):
+        """bf16 autocast for the forward and backward passes (--precision bf16); the engine
+        takes norms, clip factors and sums in the parameters' fp32."""
+        return torch.autocast(
+            self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"
+        )
 
     def _rng_state(self) -> dict:
         """The random streams' state at the start of the next step (what a checkpoint holds)."""
@@ -552,15 +601,26 @@ class Trainer:
             "last_eval": self.last_eval,
             "version": __version__,
         }
+        if self.world.distributed:  # one file, written by rank 0, holds every rank's streams
+            state["rng_ranks"] = self.world.gather_object(self._committed_rng)
+            if self.world.rank > 0:
+                return
         save_atomic(state, self.run_dir.checkpoint)
 
     def _load_checkpoint(self) -> None:
+        path = self.main_dir.checkpoint
         try:
-            state = torch.load(
-                self.run_dir.checkpoint, map_location=self.device, weights_only=False
-            )
+            state = torch.load(path, map_location=self.device, weights_only=False)
         except Exception as e:
-            raise ConfigError(f"cannot read checkpoint {self.run_dir.checkpoint}: {e}") from None
+            raise ConfigError(f"cannot read checkpoint {path}: {e}") from None
+        ranks = state.get("rng_ranks")
+        if (len(ranks) if ranks else 1) != self.world.size:
+            raise ConfigError(
+                f"--resume: {path} was written by {len(ranks) if ranks else 1} rank(s); "
+                f"resume with the same --nproc ({len(ranks) if ranks else 1})"
+            )
+        if ranks:
+            state.update(ranks[self.world.rank])  # this rank's own streams
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
