@@ -105,9 +105,10 @@ class Canaries:
 
     def add_gradients(self, vector: torch.Tensor, included: torch.Tensor, clip: float) -> None:
         """Add each drawn, included canary's clipped Dirac gradient to the clipped sum."""
-        raw = torch.full((self.m,), 2.0 * clip)  # each canary's gradient norm, >= C
+        dev, dt = vector.device, vector.dtype  # made on the run's device, not copied there
+        raw = torch.full((self.m,), 2.0 * clip, device=dev, dtype=dt)  # each norm >= C
         clipped = raw * clip_factors(raw, clip)  # the engine's clip rule: C (to 1e-6)
-        vector.add_((clipped * included).to(vector.device, vector.dtype))
+        vector.add_(clipped * included.to(dev, dt))
 
     def observe(self, noisy_vector: torch.Tensor) -> torch.Tensor:
         """The noisy sum on the audit vector (what a white-box auditor sees), kept on its
