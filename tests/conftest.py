@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
 
 import pytest
@@ -12,6 +13,12 @@ from scalemix.data.datasets import load_digits
 from scalemix.train import TrainConfig
 
 torch.set_num_threads(2)
+
+# The signal tests send SIGINT. A shell without job control starts background commands
+# (e.g. `.ci/run &`) with SIGINT ignored, and every child would inherit that: restore
+# Python's handler, so that children exec'd from here start with the default again.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # Seeded runs key their sampler and noise with a secret seed key kept outside every run
 # directory; the tests use one of their own (subprocesses inherit it), never the user's.
