@@ -13,8 +13,6 @@ cell for plots, ``learning_curves`` each evaluation (step, epsilon spent, accura
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
@@ -126,20 +124,17 @@ def trajectories(grid_dir, runs: pd.DataFrame, metric: str = "log2_scale_ratio")
 
 
 def configuration_key(config: dict) -> str | None:
-    """A short hash of a run's resolved configuration without its seed (and without what
-    does not change the experiment: output folder, threads, device, checkpoint cadence)."""
+    """The cell hash of a run's configuration with its seed fixed: equal keys are the
+    same experiment in everything but the seed (``ablate.grid.cell_hash``)."""
     if not config:
         return None
-    from scalemix.ablate.grid import resolved_dict
+    from scalemix.ablate.grid import cell_hash
     from scalemix.train.config import TrainConfig
 
     try:
-        d = resolved_dict(TrainConfig.from_dict(config))
+        return cell_hash(TrainConfig.from_dict(config).replace(seed=0))
     except (TypeError, ValueError):
         return None
-    d.pop("seed", None)
-    blob = json.dumps(d, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 def learning_curves(runs: pd.DataFrame) -> pd.DataFrame:

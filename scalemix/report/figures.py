@@ -100,8 +100,6 @@ def accuracy_page(pdf, an: Analysis, plan: dict) -> None:
                     ax.scatter(np.full(len(pts), shift[i]), 100 * pts, s=8, color="grey", alpha=0.6)
         else:
             done = an.runs[an.runs.status == "done"]
-            from scalemix.report.stats import describe
-
             rows = [describe(done[done[axis] == lvl][an.metric].astype(float)) for lvl in levels]
             m = np.array([r.mean for r in rows])
             lo = np.array([r.ci_low for r in rows])

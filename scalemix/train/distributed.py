@@ -92,15 +92,14 @@ class World:
         """Refuse to go on unless every rank holds the same ``value``."""
         if not self.distributed:
             return
-        lo = torch.tensor([float(value)], device=device)
-        hi = torch.tensor([-float(value)], device=device)
         import torch.distributed as dist
 
-        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
-        dist.all_reduce(hi, op=dist.ReduceOp.MIN)
-        if lo.item() != -hi.item():
+        both = torch.tensor([float(value), -float(value)], device=device)
+        dist.all_reduce(both, op=dist.ReduceOp.MIN)  # (smallest, -largest) in one call
+        lo, hi = both[0].item(), -both[1].item()
+        if lo != hi:
             raise ConfigError(
-                f"the ranks disagree on {what} ({lo.item():g} to {-hi.item():g}): a rank's "
+                f"the ranks disagree on {what} ({lo:g} to {hi:g}): a rank's "
                 "checkpoint is older than the others'; start the run again without --resume"
             )
 
