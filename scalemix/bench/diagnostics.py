@@ -1,7 +1,9 @@
 """``scalemix bench diagnostics``: the cost of recording diagnostics during training.
 
-One Trainer, one process. Each round runs ``steps`` training steps per mode, every mode
-starting from the same sampler state (so all modes see the same Poisson batches):
+One Trainer, one process. A round is ``steps`` training steps; every mode takes each of
+them from the same sampler state (so all modes see the same Poisson batches), the modes
+one after the other in a rotating order, so that a drift in machine speed (frequent on a
+shared machine) hits every mode alike instead of the one that ran during it:
 
     off               diagnostics off
     every_step        residual-block hooks on the training batch + gradient stats, every step
@@ -10,7 +12,7 @@ starting from the same sampler state (so all modes see the same Poisson batches)
     probe_every_10    the same every 10th step
 
 A mode's time for a round is its mean step time; the result is the median over rounds,
-and overhead = median(mode) / median(off) - 1. The timed region is ``Trainer.train_step``
+and overhead = median(mode) / median(off) - 1, with each round's own overhead beside it. The timed region is ``Trainer.train_step``
 including the device->host transfer of the diagnostics, which is what training pays.
 """
 
@@ -93,22 +95,30 @@ def run_diag_bench(
             for m, (src, every) in MODES.items()
             if m in modes
         }
-        times: dict[str, list[float]] = {m: [] for m in recorders}
+        order = list(recorders)
+        times: dict[str, list[float]] = {m: [] for m in order}
         tr.diag = recorders["off"]
         with tr.diag:
             tr.train_step()  # warm-up
         for r in range(rounds):
-            state = tr.sampler.state_dict()
-            for m, rec in recorders.items():
-                tr.sampler.load_state_dict(state)
-                tr.diag = rec
-                with rec:
-                    t0 = time.perf_counter()
-                    for _ in range(steps):
+            spent = dict.fromkeys(order, 0.0)
+            for j in range(steps):
+                state = tr.sampler.state_dict()
+                # every mode takes step j on the same batch, one after the other, in an
+                # order that rotates, so that drifts in machine speed hit every mode alike
+                shift = (r * steps + j) % len(order)
+                for m in order[shift:] + order[:shift]:
+                    tr.sampler.load_state_dict(state)
+                    tr.step = r * steps + j  # each mode sees steps 1, 2, ... (its cadence)
+                    rec = tr.diag = recorders[m]
+                    with rec:
+                        t0 = time.perf_counter()
                         tr.train_step()
-                    if tr.device.type == "cuda":
-                        torch.cuda.synchronize()
-                    times[m].append((time.perf_counter() - t0) / steps * 1000)
+                        if tr.device.type == "cuda":
+                            torch.cuda.synchronize()
+                        spent[m] += time.perf_counter() - t0
+            for m in order:
+                times[m].append(spent[m] / steps * 1000)
             if progress:
                 progress(r + 1, rounds)
         threads = torch.get_num_threads()
@@ -124,4 +134,8 @@ def run_diag_bench(
         "threads": threads,
         "median_ms": med,
         "overhead": {m: med[m] / med["off"] - 1 for m in med if m != "off"},
+        # the overhead each round measured on its own: the spread a single round can show
+        "overhead_per_round": {
+            m: [t / o - 1 for t, o in zip(times[m], times["off"])] for m in med if m != "off"
+        },
     }

@@ -39,10 +39,6 @@ METRICS = (
 )
 
 
-def _rms(t: torch.Tensor) -> torch.Tensor:
-    return t.float().pow(2).mean().sqrt()
-
-
 def channel_stats(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and population variance over (N, H, W)."""
     dims = [0, *range(2, t.dim())]
@@ -50,38 +46,70 @@ def channel_stats(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return t.mean(dims), t.var(dims, unbiased=False)
 
 
+def _nc_sums(*pairs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Per (example, channel) sums over positions of each product ``a * b``, in float64.
+
+    One pass over the operands per product (``einsum`` reduces without materialising the
+    product); the positions of one channel (at most H*W) are summed in the tensors' own
+    precision, everything after that in float64.
+    """
+    out = []
+    for a, b in pairs:
+        a3, b3 = a.float().flatten(2), b.float().flatten(2)  # (N, C, positions)
+        out.append(torch.einsum("ncp,ncp->nc", a3, b3) if b is not a else a3.pow(2).sum(2))
+    return torch.stack(out).double()
+
+
 def block_stats(
     s: torch.Tensor, r: torch.Tensor, y: torch.Tensor, out: torch.Tensor
 ) -> torch.Tensor:
-    """The METRICS of one block, as one tensor on the device (no host sync)."""
+    """The METRICS of one block, as one tensor on the device (no host sync).
+
+    Every metric is a function of eight per-(example, channel) sums (of s, r, y and of
+    s^2, r^2, y^2, s*r, out^2), so the four tensors are read a handful of times, not once
+    per metric. Variances are E[x^2] - E[x]^2 in float64 over those sums.
+    """
     eps = 1e-12
-    rms_s, rms_r = _rms(s), _rms(r)
+    if s.dim() == 2:  # (N, D) features: every feature is a channel of one position
+        s, r, y, out = (t[:, :, None] for t in (s, r, y, out))
+    n, c = s.shape[:2]
+    positions = s[0, 0].numel()
+    first = torch.stack([t.float().flatten(2).sum(2) for t in (s, r, y)]).double()
+    ss, rr, yy, sr, oo = _nc_sums((s, s), (r, r), (y, y), (s, r), (out, out))
+    sum_s, sum_r, sum_y = first
+    count = n * positions  # elements per channel
+    mean_all = lambda t: t.sum() / (count * c)  # noqa: E731  (over every element)
+    rms_s, rms_r = mean_all(ss).sqrt(), mean_all(rr).sqrt()
     ratio = rms_r / (rms_s + eps)
-    var_s, var_r = s.float().var(unbiased=False), r.float().var(unbiased=False)
-    sf, rf = s.float().flatten(1), r.float().flatten(1)
-    cos = (nn.functional.cosine_similarity(sf, rf, dim=1, eps=1e-12)).mean()
-    dims = [0, *range(2, s.dim())]
-    ch_ratio = r.float().pow(2).mean(dims).sqrt() / (s.float().pow(2).mean(dims).sqrt() + eps)
-    q = torch.quantile(ch_ratio, torch.tensor([0.25, 0.5, 0.75], device=ch_ratio.device))
-    mean_o, var_o = channel_stats(y)
-    _, var_r_c = channel_stats(r)
+    var_s = mean_all(ss) - mean_all(sum_s) ** 2
+    var_r = mean_all(rr) - mean_all(sum_r) ** 2
+    # cosine per example over the flattened tensors, as F.cosine_similarity, then the mean
+    norm_prod = (ss.sum(1) * rr.sum(1)).sqrt()
+    cos = (sr.sum(1) / norm_prod.clamp(min=eps)).mean()
+    ch_ratio = (rr.sum(0) / count).sqrt() / ((ss.sum(0) / count).sqrt() + eps)
+    q = torch.quantile(
+        ch_ratio, torch.tensor([0.25, 0.5, 0.75], device=ch_ratio.device, dtype=ch_ratio.dtype)
+    )
+    mean_y_c = sum_y.sum(0) / count
+    var_y_c = yy.sum(0) / count - mean_y_c**2
+    var_r_c = rr.sum(0) / count - (sum_r.sum(0) / count) ** 2
     return torch.stack(
         [
             rms_s,
             rms_r,
-            _rms(y),
-            _rms(out),
+            mean_all(yy).sqrt(),
+            mean_all(oo).sqrt(),
             ratio,
             torch.log2(ratio + eps),
             var_r / (var_s + var_r + eps),
             cos,
             q[1],
             q[2] - q[0],
-            mean_o.pow(2).mean(),
-            var_o.mean(),
+            mean_y_c.pow(2).mean(),
+            var_y_c.mean(),
             var_r_c.mean(),
         ]
-    )
+    ).float()
 
 
 class BlockProbe:

@@ -525,8 +525,7 @@ class Trainer:
             row["step_seconds"] = dt
             row["images_per_second"] = b / dt if dt > 0 else None
             self.metrics.append(row)
-            for drow in diag_rows:
-                self.diag_log.append(drow)
+            self.diag_log.extend(diag_rows)
         self.last_diag = diag_rows
         return row
 

@@ -82,13 +82,19 @@ class CsvLog:
             w.writerows({c: r.get(c, "") for c in self.columns} for r in keep)
 
     def append(self, row: dict) -> None:
+        self.extend([row])
+
+    def extend(self, rows: list[dict]) -> None:
+        """Append rows and flush once (a step's rows reach the disk together)."""
+        if not rows:
+            return
         if self._fh is None:
             new = not self.path.exists() or self.path.stat().st_size == 0
             self._fh = open(self.path, "a", newline="")
             self._writer = csv.DictWriter(self._fh, fieldnames=self.columns)
             if new:
                 self._writer.writeheader()
-        self._writer.writerow({c: _fmt(row.get(c)) for c in self.columns})
+        self._writer.writerows({c: _fmt(row.get(c)) for c in self.columns} for row in rows)
         self._fh.flush()
 
     def close(self) -> None:
