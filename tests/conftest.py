@@ -25,6 +25,8 @@ if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
 os.environ["SCALEMIX_SEED_KEY"] = os.path.join(
     tempfile.mkdtemp(prefix="scalemix-test-key-"), "seed-key"
 )
+# The fast engine's per-shape plans (engine/plans.py) are cached per session, not in ~.
+os.environ["SCALEMIX_CACHE_DIR"] = tempfile.mkdtemp(prefix="scalemix-test-cache-")
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from scalemix.train import Trainer
@@ -64,13 +65,19 @@ def test_bench_dp_step_memory_probe():
         "0",
         "--engines",
         "scalemix",
+        "--memory-runs",
+        "2",
         "--json",
     )
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
-    assert (
-        res["engines"]["scalemix"]["peak_mb"] >= 0 and res["engines"]["nonprivate"]["peak_mb"] >= 0
-    )
+    for name in ("scalemix", "nonprivate"):
+        e = res["engines"][name]
+        assert e["peak_mb"] >= 0 and len(e["peak_mb_runs"]) == 2
+        assert e["peak_mb"] == pytest.approx(sum(e["peak_mb_runs"]) / 2)  # median of two
+        assert e["tensor_peak_mb"] > 0
+    held = res["scalemix_memory_mb"]
+    assert held["largest per-example chunk"] > 0 and "layer inputs and output gradients" in held
 
 
 def test_bench_unknown_engine_is_usage_error():

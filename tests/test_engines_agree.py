@@ -113,7 +113,9 @@ class _EveryLayer(torch.nn.Module):
         return self.body(x)
 
 
-@pytest.mark.parametrize("mode", ["auto", "ghost", "explicit"])
+@pytest.mark.parametrize(
+    "mode", ["auto", "ghost", "explicit", "explicit-keep", "explicit-recompute"]
+)
 @pytest.mark.parametrize("k", [1, 2])
 def test_every_parameter_tensor_matches_reference(mode, k):
     """Per tensor, not only the norm: each parameter's clipped sum equals the reference's
@@ -135,7 +137,40 @@ def test_every_parameter_tensor_matches_reference(mode, k):
             if layer.kind in ("conv", "linear"):
                 layer.mode = mode
     fast = engine(x, y)
+    if mode in ("explicit-keep", "explicit-recompute"):  # the forced way was taken
+        want = "explicit, kept" if mode == "explicit-keep" else "explicit"
+        assert {lay.used for lay in engine.layers if lay.kind in ("conv", "linear")} == {want}
     names = [n for n, _ in model.named_parameters()]
     for name, a, b in zip(names, fast.grads, ref.grads):
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-13), name
     assert torch.allclose(fast.layer_norms_sq, ref.layer_norms_sq, rtol=1e-9, atol=1e-20)
+
+
+@pytest.mark.parametrize(
+    ("cin", "cout", "kernel", "stride", "padding", "dilation", "hw", "k"),
+    [
+        (3, 4, 3, 1, 1, 1, (8, 8), 1),
+        (3, 4, 3, 2, 1, 1, (9, 7), 2),
+        (2, 3, (3, 1), (2, 1), (1, 0), 1, (6, 5), 1),
+        (2, 3, 3, 1, 2, 2, (7, 7), 3),
+        (4, 5, 1, 2, 0, 1, (8, 8), 1),
+        (2, 2, 5, 3, 2, 1, (11, 10), 2),
+    ],
+)
+def test_shifted_gram_equals_the_unfolded_gram(cin, cout, kernel, stride, padding, dilation, hw, k):
+    """The ghost norm's input Gram matrix by shifts of the padded positions' Gram equals
+    the one from the unfold, for strides, dilations, rectangular kernels and K views."""
+    import torch.nn.functional as F
+
+    from scalemix.engine.ghost import _Layer
+
+    torch.manual_seed(0)
+    m = torch.nn.Conv2d(cin, cout, kernel, stride, padding, dilation, bias=False).double()
+    nb = 3
+    x = torch.randn(nb * k, cin, *hw, dtype=torch.float64)
+    out_hw = m(x).shape[2:]
+    got = GhostEngine._shifted_gram(_Layer(m, "conv", [0]), x, nb, k, out_hw)
+    cols = F.unfold(x, m.kernel_size, m.dilation, m.padding, m.stride)
+    d, t = cols.shape[1:]
+    a2 = cols.view(nb, k, d, t).permute(0, 1, 3, 2).reshape(nb, k * t, d)
+    assert torch.allclose(got, torch.bmm(a2, a2.transpose(1, 2)), rtol=1e-12, atol=1e-12)

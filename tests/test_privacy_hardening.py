@@ -141,6 +141,27 @@ def test_stream_statistics_and_state():
     assert torch.equal(t.uniform(100_000), u)  # the draw counter is the whole state
 
 
+def test_noise_read_in_pieces_is_the_one_draw(monkeypatch):
+    """add_ reads a draw piece by piece (bounded memory): every tensor gets exactly its
+    slice of normal() of the same draw, across piece boundaries, empty and strided
+    tensors included, and the first normals do not depend on how many follow."""
+    from scalemix.privacy import NoiseSource, randomness
+
+    monkeypatch.setattr(randomness, "NORMAL_BLOCK", 3)  # pieces of 6 normals
+    shapes = [(5,), (0,), (4, 3), (1,), (2, 7)]
+    tensors = [torch.zeros(s, dtype=torch.float64) for s in shapes]
+    tensors[2] = tensors[2].T  # not contiguous
+    NoiseSource(SecretStream(bytes(32), "noise")).add_(tensors, 2.0)
+    total = sum(t.numel() for t in tensors)
+    z = SecretStream(bytes(32), "noise").normal(total, dtype=torch.float64)
+    got = torch.cat([t.reshape(-1) for t in tensors])
+    assert torch.equal(got, 2.0 * z)
+    whole = SecretStream(bytes(32), "noise").normal(total + 9, dtype=torch.float64)
+    assert torch.equal(whole[:total], z)
+    monkeypatch.setattr(randomness, "NORMAL_BLOCK", 2**15)  # the piece size changes nothing
+    assert torch.equal(SecretStream(bytes(32), "noise").normal(total, dtype=torch.float64), z)
+
+
 # ---------------------------------------------------------------- 4. preprocessing
 
 

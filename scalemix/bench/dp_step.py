@@ -14,10 +14,15 @@ Timing: every engine in this process, interleaved round-robin over the repeats s
 drifts in machine speed hit all engines alike; warm-up steps are excluded; the median is
 reported, with the ratio to the non-private median of the same run.
 
-Peak memory: on the CPU a process's heap peak cannot be attributed to one engine once
-another has run, so each engine runs again in a child process and reports the growth of
-its peak resident set over the baseline after the model and batch exist. On CUDA the
-allocator's peak (``torch.cuda.max_memory_allocated``) is read in-process.
+Peak memory, two ways:
+- tensor peak: the most tensor memory alive at once during one step, counted exactly by
+  ``bench/memory.py`` in this process (the same number on every run; what
+  ``max_memory_allocated`` reports on a GPU);
+- process peak: on the CPU a process's heap peak cannot be attributed to one engine once
+  another has run, so each engine runs again in child processes (the median of
+  ``memory_runs``; it moves by up to ±15 % between identical runs) and reports the growth
+  of its peak resident set over the baseline after the model and batch exist, allocator
+  fragmentation included. On CUDA the allocator's peak is read in-process.
 """
 
 from __future__ import annotations
@@ -84,6 +89,7 @@ def make_step(engine: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
                 p.grad = g
             opt.step()
 
+        step.engine = e
         return step
     if engine in ("opacus", "opacus-ghost"):
         from opacus import PrivacyEngine
@@ -139,7 +145,7 @@ def time_engines(
     warmup: int,
     device: torch.device,
     progress=None,
-) -> dict[str, list[float]]:
+) -> tuple[dict[str, list[float]], dict[str, float], dict[str, int]]:
     model, x, y = _setup(model_name, batch, device)
     steps = {e: make_step(e, model, x, y) for e in engines}
     for step in steps.values():
@@ -156,7 +162,21 @@ def time_engines(
             times[e].append((time.perf_counter() - t0) * 1000)
         if progress:
             progress(r + 1, repeats)
-    return times
+    # memory after the timing (the tracking costs time): one more step per engine
+    tensor_peaks = {e: tensor_peak_mb(step) for e, step in steps.items()}
+    engine = getattr(steps.get("scalemix"), "engine", None)
+    ledger = dict(engine.memory) if engine is not None else {}
+    return times, tensor_peaks, ledger
+
+
+def tensor_peak_mb(step) -> float:
+    """The most tensor memory alive at once during one step (bench/memory.py): exact and
+    the same on every run; on a GPU what ``max_memory_allocated`` would report."""
+    from scalemix.bench.memory import TensorMemory
+
+    with TensorMemory() as mem:
+        step()
+    return mem.peak_bytes / 2**20
 
 
 def peak_memory_mb(engine: str, model_name: str, batch: int, device: torch.device) -> float:
@@ -252,6 +272,7 @@ def run_bench(
     warmup: int = 2,
     device: torch.device | None = None,
     memory: bool = True,
+    memory_runs: int = 3,
     progress=None,
 ) -> dict:
     device = device or torch.device("cpu")
@@ -266,9 +287,17 @@ def run_bench(
         )
     if "nonprivate" not in engines:
         engines = ["nonprivate", *engines]
-    times = time_engines(engines, model_name, batch, repeats, warmup, device, progress)
+    times, tensor_peaks, ledger = time_engines(
+        engines, model_name, batch, repeats, warmup, device, progress
+    )
     base = statistics.median(times["nonprivate"])
-    peaks = {e: peak_memory_mb(e, model_name, batch, device) for e in engines} if memory else {}
+    runs = {}
+    if memory:  # a process's resident peak moves between identical runs: the median of several
+        n = 1 if device.type == "cuda" else max(1, memory_runs)
+        runs = {
+            e: [peak_memory_mb(e, model_name, batch, device) for _ in range(n)] for e in engines
+        }
+    peaks = {e: statistics.median(v) for e, v in runs.items()}
     base_mem = peaks.get("nonprivate")
     result = {
         "model": model_name,
@@ -279,6 +308,8 @@ def run_bench(
         "torch": torch.__version__,
         "engines": {},
         "noise": time_noise(model_name, device, repeats),
+        # bytes the fast engine held at the end of its backward pass, by what they are
+        "scalemix_memory_mb": {k: v / 2**20 for k, v in ledger.items()},
     }
     for e in engines:
         med = statistics.median(times[e])
@@ -294,7 +325,10 @@ def run_bench(
             "ratio_rounds_min": per_round[0],
             "ratio_rounds_max": per_round[-1],
             "peak_mb": peaks.get(e),
+            "peak_mb_runs": runs.get(e),
             "memory_ratio": (peaks[e] / base_mem) if memory and base_mem else None,
+            "tensor_peak_mb": tensor_peaks[e],
+            "tensor_memory_ratio": tensor_peaks[e] / tensor_peaks["nonprivate"],
         }
     return result
 

@@ -26,17 +26,29 @@ def dp_step(
     warmup: int = typer.Option(2, help="Untimed warm-up steps per engine."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
     memory: bool = typer.Option(
-        True, "--memory/--no-memory", help="Also measure each engine's peak memory."
+        True,
+        "--memory/--no-memory",
+        help="Also measure each engine's process peak memory (child processes); the tensor "
+        "peak is always measured.",
+    ),
+    memory_runs: int = typer.Option(
+        3, help="Child processes per engine for the process peak (the median is reported)."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
 ) -> None:
-    """Time one DP-SGD step (clipping, noise, optimiser) per engine on the same model and batch."""
+    """Time one DP-SGD step (clipping, noise, optimiser) per engine on the same model and batch.
+
+    Memory two ways: the tensor peak (every tensor alive at once during a step, counted
+    exactly: the same on every run, what a GPU's max_memory_allocated reports) and the
+    process peak (resident memory of a fresh process, allocator fragmentation included;
+    the median of --memory-runs, as it moves between identical runs).
+    """
     from scalemix.bench.dp_step import run_bench
     from scalemix.errors import ConfigError
     from scalemix.train import resolve_device
 
-    if batch < 1 or repeats < 1 or warmup < 0:
-        raise ConfigError("--batch and --repeats must be positive, --warmup >= 0")
+    if batch < 1 or repeats < 1 or warmup < 0 or memory_runs < 1:
+        raise ConfigError("--batch, --repeats and --memory-runs must be positive, --warmup >= 0")
     names = [e.strip() for e in engines.split(",") if e.strip()]
     dev = resolve_device(device)
 
@@ -44,7 +56,7 @@ def dp_step(
         if not as_json:
             typer.echo(f"  repeat {done}/{total}", err=True)
 
-    res = run_bench(names, model, batch, repeats, warmup, dev, memory, progress)
+    res = run_bench(names, model, batch, repeats, warmup, dev, memory, memory_runs, progress)
     res["machine"] = f"{platform.machine()} {platform.processor() or ''}".strip()
     if as_json:
         typer.echo(json.dumps(res))
@@ -54,21 +66,32 @@ def dp_step(
     )
     typer.echo(
         f"{'engine':<14}{'median ms':>11}{'min-max ms':>15}{'ratio':>8}{'ratio per round':>18}"
-        f"{'peak MB':>10}{'mem ratio':>11}"
+        f"{'tensor MB':>11}{'ratio':>7}{'process MB':>12}{'runs':>13}{'ratio':>7}"
     )
     for name, r in res["engines"].items():
         peak = "-" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"
         mr = "-" if r["memory_ratio"] is None else f"{r['memory_ratio']:.2f}"
+        runs = r.get("peak_mb_runs") or []
+        run_range = f"{min(runs):.0f}-{max(runs):.0f}" if runs else "-"
         spread = f"{r['min_ms']:.0f}-{r['max_ms']:.0f}"
         rounds = f"{r['ratio_rounds_min']:.2f}-{r['ratio_rounds_max']:.2f}"
         typer.echo(
             f"{name:<14}{r['median_ms']:>11.1f}{spread:>15}{r['ratio']:>8.2f}{rounds:>18}"
-            f"{peak:>10}{mr:>11}"
+            f"{r['tensor_peak_mb']:>11.0f}{r['tensor_memory_ratio']:>7.2f}{peak:>12}"
+            f"{run_range:>13}{mr:>7}"
         )
     typer.echo(
         "ratio: median step / median non-private step; ratio per round: the range of the "
-        "ratio between steps timed back to back"
+        "ratio between steps timed back to back; tensor MB: most tensor memory alive at "
+        "once in a step (exact); process MB: median growth of a fresh process's resident "
+        "peak over --memory-runs runs (their range beside it)"
     )
+    held = res.get("scalemix_memory_mb") or {}
+    if held:
+        typer.echo(
+            "scalemix engine, what it holds at the end of the backward pass: "
+            + "; ".join(f"{k} {v:.1f} MB" for k, v in held.items())
+        )
     nz = res["noise"]
     share = nz["secure_chacha20_ms"] / res["engines"].get("scalemix", r)["median_ms"]
     typer.echo(

@@ -6,13 +6,18 @@ networks with differential privacy", arXiv 2205.10683), Li et al. 2021 (ghost no
 One chunk costs one ordinary forward pass over all B*K views, one backward pass for the
 *output* gradients only (no weight-gradient products), and per layer:
 
-* the per-example gradient norm, from whichever is cheaper for the layer's shape
-  (T = positions per example, K views included; d = fan-in; p = outputs):
-    - ghost:    ||g_i||^2 = sum((A_i A_i^T) * (G_i G_i^T))      cost ~ T^2 (d + p)
+* the per-example gradient norm, by whichever way is cheaper for the layer's shape
+  (T = positions per example, K views included; d = fan-in = C kh kw; p = outputs):
+    - ghost:    ||g_i||^2 = sum((A_i A_i^T) * (G_i G_i^T)), where for a convolution
+                A_i A_i^T comes without the unfold from the Gram matrix of the padded
+                input's positions, summed over the kh kw kernel offsets
+                (cost ~ (Hp Wp)^2 C + T^2 (kh kw + p); from the unfold ~ T^2 (d + p))
     - explicit: g_i = G_i^T A_i, then its norm                    cost ~ T d p
+  chosen by the FLOP count where it is clear and by timing where it is not, once per
+  shape and machine (plans.py);
 * the clipped sum sum_i c_i g_i: one more weight-gradient product with the output
   gradients scaled by c_i, or an einsum over the explicit g_i where keeping those takes
-  less memory than keeping the layer's input and output gradient.
+  no more memory than keeping the layer's input and output gradient.
 
 Norms are computed inside the backward pass (a tensor hook on each layer's output), in
 chunks of examples, so that output gradients and unfolded activations are freed as the
@@ -28,11 +33,14 @@ affine parameters are handled explicitly (their per-example gradients are tiny).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import vjp, vmap
 
+from scalemix.engine import plans
 from scalemix.engine.base import ChunkResult, Engine, clip_factors, view_averaged_loss
 from scalemix.errors import ConfigError
 from scalemix.models.layers import PublicBatchNorm, WSConv2d
@@ -44,7 +52,10 @@ class _Layer:
     def __init__(self, module: nn.Module, kind: str, param_idx: list[int]):
         self.module, self.kind, self.param_idx = module, kind, param_idx
         self.a: torch.Tensor | None = None
-        self.mode: str | None = None  # "ghost" | "explicit" for conv / linear
+        # conv / linear: None = planned per shape (plans.py); or forced: "ghost",
+        # "explicit" (kept when free), "explicit-keep", "explicit-recompute"
+        self.mode: str | None = None
+        self.used: str | None = None  # the way the last call took
         self.calls = 0
 
 
@@ -80,7 +91,7 @@ def _part_order(m: nn.Module, kind: str) -> list[nn.Parameter]:
     return first + ([m.bias] if getattr(m, "bias", None) is not None else [])
 
 
-CHUNK_FLOATS = 2**23  # bound on one chunk's unfolded activations (32 MB in float32)
+CHUNK_FLOATS = 2**21  # bound on one chunk's unfolded activations (8 MB in float32)
 
 
 class GhostEngine(Engine):
@@ -101,6 +112,7 @@ class GhostEngine(Engine):
                         "(frozen or extra parameters); use --engine vmap"
                     )
                 self.layers.append(_Layer(m, kind, [index[id(p)] for p in order]))
+        self.memory: dict[str, int] = {}
         covered = sorted(i for layer in self.layers for i in layer.param_idx)
         if covered != list(range(len(self.params))):  # pragma: no cover - defensive
             raise ConfigError("engine 'scalemix' could not attribute every parameter to a layer")
@@ -120,58 +132,182 @@ class GhostEngine(Engine):
         g2 = g.reshape(b, k, p, t).permute(0, 1, 3, 2).reshape(b, k * t, p)
         return a2, g2
 
+    @staticmethod
+    def _costs(layer: _Layer, a: torch.Tensor, g: torch.Tensor, k: int) -> dict:
+        """Per-example multiply-adds of each way to the norm (K views stacked), and whether
+        the ghost way takes the input's Gram matrix by shifts (see ``_shifted_gram``)."""
+        m = layer.module
+        d, p = m.weight[0].numel(), m.weight.shape[0]
+        rows = g[0].numel() // p * k
+        out = {"ghost": rows * rows * (d + p), "explicit": rows * d * p, "shifted": False}
+        if layer.kind == "conv" and m.padding_mode == "zeros" and not isinstance(m.padding, str):
+            (ph, pw), (kh, kw) = m.padding, m.kernel_size
+            padded = k * (a.shape[2] + 2 * ph) * (a.shape[3] + 2 * pw)
+            shifted = padded * padded * a.shape[1] + rows * rows * kh * kw
+            if shifted < rows * rows * d:
+                out["ghost"], out["shifted"] = shifted + rows * rows * p, True
+        return out
+
+    @staticmethod
+    def _shifted_gram(layer: _Layer, x: torch.Tensor, nb: int, k: int, out_hw) -> torch.Tensor:
+        """Each example's Gram matrix of its unfolded input, (nb, K*T, K*T), without the
+        unfold: a patch is C channels at kh*kw shifted positions, so
+        (A A^T)[t, t'] = sum over kernel offsets o of X^T X [t*stride + o, t'*stride + o],
+        the Gram of the zero-padded input's positions (C per entry) summed over kh*kw
+        strided slices: (K Hp Wp)^2 C + (K T)^2 kh kw multiply-adds instead of (K T)^2 C kh kw.
+        """
+        m = layer.module
+        (ph, pw), (kh, kw) = m.padding, m.kernel_size
+        (sh, sw), (dh, dw) = m.stride, m.dilation
+        ho, wo = out_hw
+        xp = F.pad(x, (pw, pw, ph, ph))
+        c, hp, wp = xp.shape[1:]
+        xs = xp.reshape(nb, k, c, hp * wp).transpose(1, 2).reshape(nb, c, k * hp * wp)
+        gx = torch.bmm(xs.transpose(1, 2), xs).view(nb, k, hp, wp, k, hp, wp)
+        aa = None
+        for i in range(kh):
+            for j in range(kw):
+                rs = slice(i * dh, i * dh + sh * (ho - 1) + 1, sh)
+                cs = slice(j * dw, j * dw + sw * (wo - 1) + 1, sw)
+                part = gx[:, :, rs, cs, :, rs, cs]
+                aa = part.clone() if aa is None else aa.add_(part)
+        return aa.reshape(nb, k * ho * wo, k * ho * wo)
+
     def _matmul_layer(self, layer: _Layer, a: torch.Tensor, g: torch.Tensor, b: int, k: int):
         """Per-example squared norms of conv / linear parameters, and the clipped-sum finisher."""
         m = layer.module
-        has_bias = getattr(m, "bias", None) is not None
-        n = a.shape[0]
         d, p = m.weight[0].numel(), m.weight.shape[0]
         rows = g[0].numel() // p * k  # positions per example, its K views stacked
-        if layer.mode is None:
-            ghost = rows * rows * (d + p) < rows * d * p and layer.kind != "wsconv"
-            layer.mode = "ghost" if ghost else "explicit"
+        bias_numel = p if getattr(m, "bias", None) is not None else 0
+        # keeping the explicit per-example gradients is free when they take no more memory
+        # than the layer input and output gradient that the finisher would keep instead
+        can_keep = (d * p + bias_numel) * b <= a.numel() + g.numel()
+        mode = layer.mode or self._plan(layer, a, g, b, k, rows, d, p, can_keep)
+        keep = mode == "explicit-keep" or (mode == "explicit" and can_keep)
+        if mode == "ghost":
+            shifted = rows > 1 and self._costs(layer, a, g, k)["shifted"]
+            layer.used = "ghost, shifted" if shifted else "ghost"
+        else:
+            layer.used = "explicit, kept" if keep else "explicit"
+        sq, kept = self._norms(layer, a, g, b, k, mode == "ghost", keep)
+        return sq, self._clipped(layer, a, g, b, kept)
+
+    def _plan(self, layer: _Layer, a, g, b: int, k: int, rows: int, d: int, p: int, can_keep):
+        """'ghost' or 'explicit' for this layer's shapes: by FLOPs where clear, else timed."""
+        if layer.kind == "wsconv":
+            return "explicit"  # the standardised weight's pullback needs the explicit gradient
+        if rows == 1:
+            return "ghost"  # one position: the norm is a product of two vector norms
+        costs = self._costs(layer, a, g, k)
+        ratio = costs["ghost"] / costs["explicit"]
+        choice = "ghost" if ratio < 1 else "explicit"
+        if os.environ.get("SCALEMIX_ENGINE_PLAN") == "flops" or not (
+            1 / plans.CLEAR <= ratio <= plans.CLEAR
+        ):
+            return choice
+        m = layer.module
+        geometry = (
+            f"stride {m.stride} padding {m.padding} dilation {m.dilation}"
+            if layer.kind == "conv"
+            else "linear"
+        )
+        key = (
+            f"{layer.kind} {tuple(m.weight.shape)} {geometry} bias {m.bias is not None} | "
+            f"input {tuple(a.shape[1:])} output {tuple(g.shape[1:])} K {k} | {a.dtype}"
+        )
+
+        def candidates():
+            ra, rg = torch.randn_like(a), torch.randn_like(g)  # timing never reads training data
+            c = torch.rand(b, dtype=a.dtype, device=a.device)
+
+            def run(ghost: bool):
+                def go():
+                    ledger = dict(self.memory)  # timing runs are not the step's memory
+                    sq, kept = self._norms(layer, ra, rg, b, k, ghost, not ghost and can_keep)
+                    self._clipped(layer, ra, rg, b, kept)(c)
+                    self.memory = ledger
+
+                return go
+
+            return {"ghost": run(True), "explicit": run(False)}
+
+        return plans.choose(key, a.device, ("ghost", "explicit"), candidates)
+
+    def _norms(self, layer: _Layer, a, g, b: int, k: int, ghost: bool, keep: bool):
+        """Per-parameter squared per-example norms; the per-example gradients if ``keep``."""
+        m = layer.module
+        has_bias = getattr(m, "bias", None) is not None
+        d, p = m.weight[0].numel(), m.weight.shape[0]
+        rows = g[0].numel() // p * k
         pullback = None
         if layer.kind == "wsconv":
             _, pullback = vjp(m.standardize, *(t.detach() for t in m.ws_params()))
-        per_example_numel = (d * p + (p if has_bias else 0)) * b
-        keep_parts = layer.mode == "explicit" and per_example_numel <= a.numel() + g.numel()
-        chunk = max(1, CHUNK_FLOATS // max(1, rows * max(d, p)))
+        shifted = ghost and rows > 1 and self._costs(layer, a, g, k)["shifted"]
+        per_example = rows * max(d, p)
+        if shifted:  # the padded positions' Gram matrix, the input's and the output's
+            padded = k * (a.shape[2] + 2 * m.padding[0]) * (a.shape[3] + 2 * m.padding[1])
+            per_example = padded * (padded + a.shape[1]) + rows * (2 * rows + p)
+        chunk = max(1, CHUNK_FLOATS // max(1, per_example))
         sq_chunks: list[list[torch.Tensor]] = []
         part_chunks: list[list[torch.Tensor]] = []
         for s in range(0, b, chunk):
             e = min(b, s + chunk)
-            a2, g2 = self._positions(layer, a[s * k : e * k], g[s * k : e * k], e - s, k)
+            a_c, g_c = a[s * k : e * k], g[s * k : e * k]
             sq: list[torch.Tensor] = []
-            if layer.mode == "ghost":
+            if shifted:
+                g2 = g_c.reshape(e - s, k, p, -1).transpose(2, 3).reshape(e - s, rows, p)
+                aa = self._shifted_gram(layer, a_c, e - s, k, g_c.shape[2:])
+                sq.append((aa * torch.bmm(g2, g2.transpose(1, 2))).sum((1, 2)))
+                parts = []
+                work = (e - s) * per_example  # everything: there is no unfold
+                a2 = None
+            elif ghost:
+                a2, g2 = self._positions(layer, a_c, g_c, e - s, k)
                 if rows == 1:
                     sq.append(a2.pow(2).sum((1, 2)) * g2.pow(2).sum((1, 2)))
                 else:
                     aa = torch.bmm(a2, a2.transpose(1, 2))
                     sq.append((aa * torch.bmm(g2, g2.transpose(1, 2))).sum((1, 2)))
                 parts = []
+                work = 2 * (e - s) * rows * rows  # the two Gram matrices
             else:
+                a2, g2 = self._positions(layer, a_c, g_c, e - s, k)
                 per_ex = torch.bmm(g2.transpose(1, 2), a2).reshape(e - s, *m.weight.shape)
                 parts = list(vmap(pullback)(per_ex)) if pullback is not None else [per_ex]
                 sq += [t.reshape(e - s, -1).pow(2).sum(1) for t in parts]
+                work = (e - s) * d * p
             if has_bias:
                 bias_g = g2.sum(1)
                 sq.append(bias_g.pow(2).sum(1))
                 parts = parts + [bias_g]
             sq_chunks.append(sq)
-            if keep_parts:
+            if keep:
                 part_chunks.append(parts)
+            unfolded = 0 if a2 is None else a2.numel() + g2.numel()
+            self._note_chunk((unfolded + work) * a.element_size())
         sq_all = [torch.cat(c) for c in zip(*sq_chunks)]
+        kept = [torch.cat(c) for c in zip(*part_chunks)] if keep else None
+        return sq_all, kept
 
-        if keep_parts:
-            kept = [torch.cat(c) for c in zip(*part_chunks)]
+    def _clipped(self, layer: _Layer, a, g, b: int, kept: list[torch.Tensor] | None):
+        """sum_i c_i g_i: an einsum over the kept per-example gradients, or one more
+        weight-gradient product with the output gradients scaled by c_i."""
+        m = layer.module
+        if kept is not None:
+            self._note_held("per-example gradients kept", kept)
 
-            def clipped(c: torch.Tensor) -> list[torch.Tensor]:
+            def from_kept(c: torch.Tensor) -> list[torch.Tensor]:
                 return [torch.einsum("b,b...->...", c, t) for t in kept]
 
-            return sq_all, clipped
+            return from_kept
+        self._note_held("layer inputs and output gradients", [a, g])
+        has_bias = getattr(m, "bias", None) is not None
+        pullback = None
+        if layer.kind == "wsconv":
+            _, pullback = vjp(m.standardize, *(t.detach() for t in m.ws_params()))
+        n, p = a.shape[0], m.weight.shape[0]
 
-        def clipped(c: torch.Tensor) -> list[torch.Tensor]:
-            """One weight-gradient product with per-example scaled output gradients."""
+        def recompute(c: torch.Tensor) -> list[torch.Tensor]:
             cr = c.repeat_interleave(n // b).view(-1, *[1] * (g.dim() - 1))
             gs = g * cr
             if layer.kind == "linear":
@@ -190,7 +326,19 @@ class GhostEngine(Engine):
                 out.append(per_out.sum(0))
             return out
 
-        return sq_all, clipped
+        return recompute
+
+    # ------------------------------------------------------------------ memory ledger
+
+    def _note_chunk(self, nbytes: int) -> None:
+        self.memory["largest per-example chunk"] = max(
+            self.memory.get("largest per-example chunk", 0), nbytes
+        )
+
+    def _note_held(self, what: str, tensors: list[torch.Tensor]) -> None:
+        self.memory[what] = self.memory.get(what, 0) + sum(
+            t.numel() * t.element_size() for t in tensors
+        )
 
     @staticmethod
     def _norm_layer(layer: _Layer, a: torch.Tensor, g: torch.Tensor, b: int, k: int):
@@ -210,7 +358,7 @@ class GhostEngine(Engine):
         def clipped(c: torch.Tensor) -> list[torch.Tensor]:
             return [c @ t for t in parts]
 
-        return sq, clipped
+        return sq, clipped, parts
 
     # ------------------------------------------------------------------ one chunk
 
@@ -229,7 +377,8 @@ class GhostEngine(Engine):
                 if layer.kind in ("conv", "wsconv", "linear"):
                     sq, fin = self._matmul_layer(layer, a, g, b, k)
                 else:
-                    sq, fin = self._norm_layer(layer, a, g, b, k)
+                    sq, fin, parts = self._norm_layer(layer, a, g, b, k)
+                    self._note_held("per-example gradients kept", parts)
             for i, s in zip(layer.param_idx, sq):
                 layer_sq[i] = s
             finishers.append((layer, fin))
@@ -247,6 +396,7 @@ class GhostEngine(Engine):
 
             return hook
 
+        self.memory: dict[str, int] = {}  # bytes, this call (the memory ledger)
         for layer in self.layers:
             layer.a, layer.calls = None, 0
         handles = [layer.module.register_forward_hook(forward_hook(layer)) for layer in self.layers]
@@ -276,9 +426,11 @@ class GhostEngine(Engine):
         norms = layer_sq_t.sum(0).sqrt()
         c = torch.ones_like(norms) if self.clip is None else clip_factors(norms, self.clip)
         grads: list[torch.Tensor | None] = [None] * len(self.params)
-        for layer, fin in finishers:
+        while finishers:  # each layer's inputs / output gradients are freed once used
+            layer, fin = finishers.pop()
             for i, t in zip(layer.param_idx, fin(c)):
                 grads[i] = t.reshape(self.params[i].shape)
+            del fin
         return ChunkResult(
             grads, loss.detach().sum(), correct.sum(), b, norms.detach(), layer_sq_t.detach()
         )

@@ -58,6 +58,7 @@ SECRET_STREAMS = ("sampler", "noise")
 KEY_BYTES = 32
 SEED_KEY_ENV = "SCALEMIX_SEED_KEY"
 _SEEDED_CONTEXT = b"scalemix/seeded/v1/"
+NORMAL_BLOCK = 2**15  # Box--Muller pairs computed at once (256 KB of float32 noise)
 _MASK53 = (1 << 53) - 1
 
 
@@ -124,19 +125,25 @@ class SecretStream:
         self._key = hmac.new(key, b"scalemix/stream/" + name.encode(), hashlib.sha256).digest()
         self.draws = 0
 
-    def random_bytes(self, n: int) -> bytes:
-        """The next draw: ``n`` bytes of keystream (ChaCha20 block counter from 0)."""
+    def _keystream(self):
+        """The next draw's keystream (ChaCha20 block counter from 0), read with ``update``."""
         from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
         # cryptography's 16-byte ChaCha20 nonce: 4-byte block counter || 12-byte nonce.
         nonce = (0).to_bytes(4, "little") + self.draws.to_bytes(12, "little")
         self.draws += 1
-        enc = Cipher(algorithms.ChaCha20(self._key, nonce), mode=None).encryptor()
-        return enc.update(bytes(n))
+        return Cipher(algorithms.ChaCha20(self._key, nonce), mode=None).encryptor()
+
+    def random_bytes(self, n: int) -> bytes:
+        """The next draw: ``n`` bytes of keystream."""
+        return self._keystream().update(bytes(n))
+
+    @staticmethod
+    def _to_tensor(raw: bytes, device: torch.device) -> torch.Tensor:
+        return torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(device)
 
     def _raw(self, nbytes: int, device: torch.device) -> torch.Tensor:
-        raw = torch.frombuffer(bytearray(self.random_bytes(nbytes)), dtype=torch.uint8)
-        return raw.to(device)
+        return self._to_tensor(self.random_bytes(nbytes), device)
 
     def uniform(self, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
         """``n`` float64 uniforms in [0, 1) with 53 random bits each (one draw)."""
@@ -150,24 +157,40 @@ class SecretStream:
         self, n: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
     ) -> torch.Tensor:
         """``n`` standard normals by Box--Muller (one draw), returned in ``dtype``."""
+        blocks = list(self.normal_blocks(n, device, dtype))
+        if not blocks:
+            return torch.zeros(0, dtype=dtype, device=torch.device(device))
+        return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+
+    def normal_blocks(
+        self, n: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    ):
+        """The ``n`` normals of one draw, in consecutive pieces of ``NORMAL_BLOCK`` pairs
+        (the draw is taken now; the pieces are made as they are read). The pieces of a
+        draw are the same whoever reads them, ``normal`` included: a model's worth of
+        noise never needs more than one piece's working memory."""
         device = torch.device(device)
-        half = (n + 1) // 2
-        if half == 0:
-            self.draws += 1
-            return torch.zeros(0, dtype=dtype, device=device)
+        stream = self._keystream()
+        return self._normal_pieces(stream, (n + 1) // 2, n, device, dtype)
+
+    @classmethod
+    def _normal_pieces(cls, stream, half: int, n: int, device, dtype):
         # 12 bytes per pair, pair by pair, so the first k normals of a draw do not depend
         # on how many follow (a run with an audit vector appended keeps the model's noise).
-        raw = self._raw(12 * half, device).view(half, 12)
-        r_bits = raw[:, :8].contiguous().view(torch.int64).flatten()
-        a_bits = raw[:, 8:].contiguous().view(torch.int32).flatten()
-        u1 = ((r_bits >> 11) & _MASK53).to(torch.float64).add_(1.0).mul_(2.0**-53)  # (0, 1]
-        # The radius carries the tails: float64 log of a 53-bit uniform (to 8.6 sigma);
-        # the angle needs only the output precision.
         math_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-        radius = u1.log_().mul_(-2.0).sqrt_().to(math_dtype)
-        angle = a_bits.to(math_dtype).mul_(2.0 * math.pi / 2.0**32)  # [-pi, pi)
-        z = torch.stack([radius * torch.cos(angle), radius * torch.sin(angle)], dim=1).flatten()
-        return z[:n].to(dtype)
+        for start in range(0, half, NORMAL_BLOCK):
+            pairs = min(NORMAL_BLOCK, half - start)
+            raw = cls._to_tensor(stream.update(bytes(12 * pairs)), device).view(pairs, 12)
+            # reshape: a packed copy (one pair: an aligned view), whatever the pair count
+            r_bits = raw[:, :8].reshape(-1).view(torch.int64)
+            a_bits = raw[:, 8:].reshape(-1).view(torch.int32)
+            u1 = ((r_bits >> 11) & _MASK53).to(torch.float64).add_(1.0).mul_(2.0**-53)  # (0, 1]
+            # The radius carries the tails: float64 log of a 53-bit uniform (to 8.6 sigma);
+            # the angle needs only the output precision.
+            radius = u1.log_().mul_(-2.0).sqrt_().to(math_dtype)
+            angle = a_bits.to(math_dtype).mul_(2.0 * math.pi / 2.0**32)  # [-pi, pi)
+            z = torch.stack([radius * torch.cos(angle), radius * torch.sin(angle)], dim=1)
+            yield z.flatten()[: n - 2 * start].to(dtype)
 
     def state_dict(self) -> dict:
         return {"draws": self.draws}

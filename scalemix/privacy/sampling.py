@@ -70,13 +70,23 @@ class NoiseSource:
         self.stream = stream
 
     def add_(self, tensors: list[torch.Tensor], std: float) -> None:
-        """Add independent N(0, std^2) noise to every element of ``tensors`` in place."""
+        """Add independent N(0, std^2) noise to every element of ``tensors`` in place.
+
+        One draw, read piece by piece: the working memory is one piece and one tensor's
+        noise, not a copy of the whole model in float64."""
         if not tensors:
             return
         total = sum(t.numel() for t in tensors)
-        z = self.stream.normal(total, tensors[0].device, tensors[0].dtype)
-        offset = 0
+        pieces = self.stream.normal_blocks(total, tensors[0].device, tensors[0].dtype)
+        buf: torch.Tensor | None = None  # the current piece, what is left of it
         for t in tensors:
-            k = t.numel()
-            t.add_(z[offset : offset + k].view_as(t).to(t.dtype), alpha=std)
-            offset += k
+            need, parts = t.numel(), []
+            while need:
+                if buf is None or not len(buf):
+                    buf = next(pieces)
+                take = min(need, len(buf))
+                parts.append(buf[:take])
+                buf, need = buf[take:], need - take
+            if parts:
+                z = parts[0] if len(parts) == 1 else torch.cat(parts)
+                t.add_(z.view_as(t).to(t.dtype), alpha=std)
