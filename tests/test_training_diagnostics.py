@@ -205,3 +205,5 @@ def test_bench_diagnostics_json(tmp_path):
         assert data["overhead"][mode] == pytest.approx(
             data["median_ms"][mode] / data["median_ms"]["off"] - 1
         )
+        lo, hi = data["overhead_ci95"][mode]  # 2 paired steps: an interval around the mean
+        assert lo < hi

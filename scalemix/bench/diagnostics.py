@@ -12,7 +12,8 @@ shared machine) hits every mode alike instead of the one that ran during it:
     probe_every_10    the same every 10th step
 
 A mode's time for a round is its mean step time; the result is the median over rounds,
-and overhead = median(mode) / median(off) - 1, with each round's own overhead beside it. The timed region is ``Trainer.train_step``
+and overhead = median(mode) / median(off) - 1, with each round's own overhead beside it
+and a 95 % interval from the paired per-step differences (how well the run resolves it). The timed region is ``Trainer.train_step``
 including the device->host transfer of the diagnostics, which is what training pays.
 """
 
@@ -97,6 +98,7 @@ def run_diag_bench(
         }
         order = list(recorders)
         times: dict[str, list[float]] = {m: [] for m in order}
+        per_step: dict[str, list[float]] = {m: [] for m in order}  # same batches, same order
         tr.diag = recorders["off"]
         with tr.diag:
             tr.train_step()  # warm-up
@@ -116,7 +118,9 @@ def run_diag_bench(
                         tr.train_step()
                         if tr.device.type == "cuda":
                             torch.cuda.synchronize()
-                        spent[m] += time.perf_counter() - t0
+                        dt = time.perf_counter() - t0
+                        spent[m] += dt
+                        per_step[m].append(dt * 1000)
             for m in order:
                 times[m].append(spent[m] / steps * 1000)
             if progress:
@@ -138,4 +142,19 @@ def run_diag_bench(
         "overhead_per_round": {
             m: [t / o - 1 for t, o in zip(times[m], times["off"])] for m in med if m != "off"
         },
+        "overhead_ci95": {m: _paired_ci(per_step[m], per_step["off"]) for m in med if m != "off"},
     }
+
+
+def _paired_ci(mode_ms: list[float], off_ms: list[float]) -> list[float] | None:
+    """95 % interval of the overhead from the per-step differences (each mode took every
+    step on the same batch): mean difference +- t * SE, over the mean step with it off."""
+    from scipy import stats
+
+    d = [a - b for a, b in zip(mode_ms, off_ms)]
+    if len(d) < 2:
+        return None
+    mean_off = statistics.fmean(off_ms)
+    half = stats.t.ppf(0.975, len(d) - 1) * statistics.stdev(d) / len(d) ** 0.5
+    mid = statistics.fmean(d)
+    return [(mid - half) / mean_off, (mid + half) / mean_off]

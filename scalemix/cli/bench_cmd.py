@@ -218,11 +218,13 @@ def diagnostics(
         f"{model}, batch {batch}, {image_size} px, {res['device']}, {res['threads']} threads, "
         f"median over {rounds} rounds of {steps} steps"
     )
-    typer.echo(f"{'mode':<18}{'median ms':>11}{'overhead':>10}  overhead per round")
+    typer.echo(f"{'mode':<18}{'median ms':>11}{'overhead':>10}{'95% CI':>18}  per round")
     for m, ms in res["median_ms"].items():
         ov = "-" if m == "off" else f"{100 * res['overhead'][m]:+.1f}%"
+        ci = res["overhead_ci95"].get(m)
+        ci_s = f"{100 * ci[0]:+.1f}% to {100 * ci[1]:+.1f}%" if ci else "-"
         per = ", ".join(f"{100 * o:+.1f}%" for o in res["overhead_per_round"].get(m, []))
-        typer.echo(f"{m:<18}{ms:>11.1f}{ov:>10}  {per}")
+        typer.echo(f"{m:<18}{ms:>11.1f}{ov:>10}{ci_s:>18}  {per}")
 
 
 @app.command("audit")

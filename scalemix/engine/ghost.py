@@ -94,6 +94,12 @@ def _part_order(m: nn.Module, kind: str) -> list[nn.Parameter]:
 CHUNK_FLOATS = 2**21  # bound on one chunk's unfolded activations (8 MB in float32)
 
 
+def _frob(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """sum over (i, j) of x[b, i, j] * y[b, i, j] per b, without forming the product."""
+    n = x.shape[0]
+    return torch.linalg.vecdot(x.reshape(n, -1), y.reshape(n, -1))
+
+
 class GhostEngine(Engine):
     name = "scalemix"
 
@@ -255,9 +261,11 @@ class GhostEngine(Engine):
             a_c, g_c = a[s * k : e * k], g[s * k : e * k]
             sq: list[torch.Tensor] = []
             if shifted:
-                g2 = g_c.reshape(e - s, k, p, -1).transpose(2, 3).reshape(e - s, rows, p)
+                # (nb, p, K*T): a view for K = 1 (positions along the last axis)
+                g3 = g_c.reshape(e - s, k, p, -1).transpose(1, 2).reshape(e - s, p, rows)
                 aa = self._shifted_gram(layer, a_c, e - s, k, g_c.shape[2:])
-                sq.append((aa * torch.bmm(g2, g2.transpose(1, 2))).sum((1, 2)))
+                sq.append(_frob(aa, torch.bmm(g3.transpose(1, 2), g3)))
+                g2 = g3.transpose(1, 2)  # (nb, K*T, p), for the bias
                 parts = []
                 work = (e - s) * per_example  # everything: there is no unfold
                 a2 = None
@@ -267,7 +275,7 @@ class GhostEngine(Engine):
                     sq.append(a2.pow(2).sum((1, 2)) * g2.pow(2).sum((1, 2)))
                 else:
                     aa = torch.bmm(a2, a2.transpose(1, 2))
-                    sq.append((aa * torch.bmm(g2, g2.transpose(1, 2))).sum((1, 2)))
+                    sq.append(_frob(aa, torch.bmm(g2, g2.transpose(1, 2))))
                 parts = []
                 work = 2 * (e - s) * rows * rows  # the two Gram matrices
             else:
@@ -308,13 +316,16 @@ class GhostEngine(Engine):
         n, p = a.shape[0], m.weight.shape[0]
 
         def recompute(c: torch.Tensor) -> list[torch.Tensor]:
-            cr = c.repeat_interleave(n // b).view(-1, *[1] * (g.dim() - 1))
-            gs = g * cr
+            cr = c.repeat_interleave(n // b)
+            # sum_i c_i G_i^T A_i: scale whichever of A and G is smaller (the bias needs G's)
+            scale_a = a.numel() < g.numel() and not has_bias
+            a_s = a * cr.view(-1, *[1] * (a.dim() - 1)) if scale_a else a
+            gs = g if scale_a else g * cr.view(-1, *[1] * (g.dim() - 1))
             if layer.kind == "linear":
-                w = torch.einsum("...p,...d->pd", gs, a)
+                w = torch.einsum("...p,...d->pd", gs, a_s)
             else:
                 w = torch.nn.grad.conv2d_weight(
-                    a, m.weight.shape, gs, m.stride, m.padding, m.dilation, m.groups
+                    a_s, m.weight.shape, gs, m.stride, m.padding, m.dilation, m.groups
                 )
             out = list(pullback(w)) if pullback is not None else [w]
             if has_bias:
