@@ -107,3 +107,18 @@ def test_planned_layers_in_the_band_are_timed_and_match_the_reference(cache, mon
     e2 = GhostEngine(model, clip=0.3)
     e2(x, y)
     assert not cache.exists() and e2.layers[0].used.startswith("explicit")
+
+
+def test_no_home_to_keep_choices_in_still_chooses(cache, monkeypatch):
+    def no_home(cls):
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.delenv("SCALEMIX_CACHE_DIR")
+    monkeypatch.setattr(plans.Path, "home", classmethod(no_home))
+    assert plans.cache_file() is None
+    calls, cands = _counting(["ghost", "explicit"])
+    first = plans.choose("layer C", torch.device("cpu"), NAMES, lambda: cands)
+    assert first in cands and calls["ghost"] > 0 and not cache.exists()
+    calls2, cands2 = _counting(["ghost", "explicit"])  # remembered by this process
+    assert plans.choose("layer C", torch.device("cpu"), NAMES, lambda: cands2) == first
+    assert set(calls2.values()) == {0}

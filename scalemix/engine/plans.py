@@ -43,8 +43,12 @@ def machine_key(device: torch.device) -> str:
     return f"torch {torch.__version__} | {device.type} {name} | {torch.get_num_threads()} threads"
 
 
-def cache_file() -> Path:
-    root = os.environ.get("SCALEMIX_CACHE_DIR") or Path.home() / ".cache" / "scalemix"
+def cache_file() -> Path | None:
+    """Where choices are kept across processes; None when there is no home to keep them."""
+    try:
+        root = os.environ.get("SCALEMIX_CACHE_DIR") or Path.home() / ".cache" / "scalemix"
+    except RuntimeError:  # no $HOME and no passwd entry
+        return None
     return Path(root) / "engine-plans.json"
 
 
@@ -86,11 +90,14 @@ def choose(
     if full in _MEMORY:
         return _MEMORY[full]
     path = cache_file()
-    stored = _read(path).get(full)
+    stored = _read(path).get(full) if path is not None else None
     if stored in names:
         _MEMORY[full] = stored
         return stored
     best = _fastest(candidates(), device)
+    if path is None:
+        _MEMORY[full] = best
+        return best
     try:
         with _locked(path):
             data = _read(path)
@@ -100,8 +107,8 @@ def choose(
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
             tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
             os.replace(tmp, path)
-    except OSError:
-        pass  # a read-only home: the choice holds for this process only
+    except (OSError, ImportError):  # a read-only home, no fcntl: this process only
+        pass
     _MEMORY[full] = best
     return best
 
