@@ -67,6 +67,7 @@ def test_bench_dp_step_memory_probe():
         "scalemix",
         "--memory-runs",
         "2",
+        "--profile",
         "--json",
     )
     assert r.returncode == 0, r.stderr
@@ -76,6 +77,8 @@ def test_bench_dp_step_memory_probe():
         assert e["peak_mb"] >= 0 and len(e["peak_mb_runs"]) == 2
         assert e["peak_mb"] == pytest.approx(sum(e["peak_mb_runs"]) / 2)  # median of two
         assert e["tensor_peak_mb"] > 0
+    ops = {r["op"]: r for r in res["profile"]}  # the DP step's own work shows as extra time
+    assert ops["aten::bmm"]["nonprivate_calls"] == 0 and ops["aten::bmm"]["dp_calls"] > 0
     held = res["scalemix_memory_mb"]
     assert held["largest per-example chunk"] > 0 and "layer inputs and output gradients" in held
 

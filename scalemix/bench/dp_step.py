@@ -145,7 +145,8 @@ def time_engines(
     warmup: int,
     device: torch.device,
     progress=None,
-) -> tuple[dict[str, list[float]], dict[str, float], dict[str, int]]:
+    profile: bool = False,
+) -> tuple[dict[str, list[float]], dict[str, float], dict[str, int], list[dict]]:
     model, x, y = _setup(model_name, batch, device)
     steps = {e: make_step(e, model, x, y) for e in engines}
     for step in steps.values():
@@ -166,7 +167,38 @@ def time_engines(
     tensor_peaks = {e: tensor_peak_mb(step) for e, step in steps.items()}
     engine = getattr(steps.get("scalemix"), "engine", None)
     ledger = dict(engine.memory) if engine is not None else {}
-    return times, tensor_peaks, ledger
+    prof = []
+    if profile and device.type == "cpu":
+        prof = profile_difference(steps, "scalemix" if "scalemix" in steps else engines[-1])
+    return times, tensor_peaks, ledger, prof
+
+
+def profile_difference(steps: dict, engine: str) -> list[dict]:
+    """Self CPU time by operator of one step of ``engine`` minus one non-private step (torch
+    profiler): where the DP step's extra time goes. Rows sorted by the difference."""
+    from torch.profiler import ProfilerActivity, profile
+
+    tables = {}
+    for name in ("nonprivate", engine):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            steps[name]()
+        tables[name] = {e.key: (e.self_cpu_time_total / 1000, e.count) for e in prof.key_averages()}
+    rows = []
+    for op in set(tables["nonprivate"]) | set(tables[engine]):
+        np_ms, np_n = tables["nonprivate"].get(op, (0.0, 0))
+        dp_ms, dp_n = tables[engine].get(op, (0.0, 0))
+        rows.append(
+            {
+                "op": op,
+                "nonprivate_ms": np_ms,
+                "nonprivate_calls": np_n,
+                "dp_ms": dp_ms,
+                "dp_calls": dp_n,
+                "difference_ms": dp_ms - np_ms,
+            }
+        )
+    rows.sort(key=lambda r: -abs(r["difference_ms"]))
+    return rows
 
 
 def tensor_peak_mb(step) -> float:
@@ -274,6 +306,7 @@ def run_bench(
     memory: bool = True,
     memory_runs: int = 3,
     progress=None,
+    profile: bool = False,
 ) -> dict:
     device = device or torch.device("cpu")
     if device.type == "cpu":
@@ -287,8 +320,8 @@ def run_bench(
         )
     if "nonprivate" not in engines:
         engines = ["nonprivate", *engines]
-    times, tensor_peaks, ledger = time_engines(
-        engines, model_name, batch, repeats, warmup, device, progress
+    times, tensor_peaks, ledger, prof = time_engines(
+        engines, model_name, batch, repeats, warmup, device, progress, profile
     )
     base = statistics.median(times["nonprivate"])
     runs = {}
@@ -310,6 +343,7 @@ def run_bench(
         "noise": time_noise(model_name, device, repeats),
         # bytes the fast engine held at the end of its backward pass, by what they are
         "scalemix_memory_mb": {k: v / 2**20 for k, v in ledger.items()},
+        "profile": prof,
     }
     for e in engines:
         med = statistics.median(times[e])

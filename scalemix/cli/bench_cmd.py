@@ -34,6 +34,12 @@ def dp_step(
     memory_runs: int = typer.Option(
         3, help="Child processes per engine for the process peak (the median is reported)."
     ),
+    profile: bool = typer.Option(
+        False,
+        "--profile",
+        help="Also profile one step (CPU, torch.profiler) and list the operators where the "
+        "DP step spends more or less than the non-private one.",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
 ) -> None:
     """Time one DP-SGD step (clipping, noise, optimiser) per engine on the same model and batch.
@@ -56,7 +62,9 @@ def dp_step(
         if not as_json:
             typer.echo(f"  repeat {done}/{total}", err=True)
 
-    res = run_bench(names, model, batch, repeats, warmup, dev, memory, memory_runs, progress)
+    res = run_bench(
+        names, model, batch, repeats, warmup, dev, memory, memory_runs, progress, profile
+    )
     res["machine"] = f"{platform.machine()} {platform.processor() or ''}".strip()
     if as_json:
         typer.echo(json.dumps(res))
@@ -92,6 +100,14 @@ def dp_step(
             "scalemix engine, what it holds at the end of the backward pass: "
             + "; ".join(f"{k} {v:.1f} MB" for k, v in held.items())
         )
+    if res["profile"]:
+        typer.echo("one step profiled, self CPU ms by operator (DP minus non-private), top 12:")
+        for r in res["profile"][:12]:
+            typer.echo(
+                f"  {r['difference_ms']:+8.1f}  {r['op'][:48]:<48} non-private "
+                f"{r['nonprivate_ms']:7.1f} ({r['nonprivate_calls']})  DP {r['dp_ms']:7.1f} "
+                f"({r['dp_calls']})"
+            )
     nz = res["noise"]
     share = nz["secure_chacha20_ms"] / res["engines"].get("scalemix", r)["median_ms"]
     typer.echo(
