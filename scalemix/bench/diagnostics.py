@@ -148,13 +148,12 @@ def run_diag_bench(
 
 def _paired_ci(mode_ms: list[float], off_ms: list[float]) -> list[float] | None:
     """95 % interval of the overhead from the per-step differences (each mode took every
-    step on the same batch): mean difference +- t * SE, over the mean step with it off."""
-    from scipy import stats
+    step on the same batch): the report's paired-t interval of the mean difference, over
+    the mean step with diagnostics off."""
+    from scalemix.report.stats import paired
 
-    d = [a - b for a, b in zip(mode_ms, off_ms)]
-    if len(d) < 2:
+    if len(off_ms) < 2:
         return None
+    p = paired(off_ms, mode_ms)
     mean_off = statistics.fmean(off_ms)
-    half = stats.t.ppf(0.975, len(d) - 1) * statistics.stdev(d) / len(d) ** 0.5
-    mid = statistics.fmean(d)
-    return [(mid - half) / mean_off, (mid + half) / mean_off]
+    return [p.ci_low / mean_off, p.ci_high / mean_off]

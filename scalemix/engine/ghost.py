@@ -118,7 +118,7 @@ class GhostEngine(Engine):
                         "(frozen or extra parameters); use --engine vmap"
                     )
                 self.layers.append(_Layer(m, kind, [index[id(p)] for p in order]))
-        self.memory: dict[str, int] = {}
+        self.memory: dict[str, int] = {}  # what the last call held, by kind (bytes)
         covered = sorted(i for layer in self.layers for i in layer.param_idx)
         if covered != list(range(len(self.params))):  # pragma: no cover - defensive
             raise ConfigError("engine 'scalemix' could not attribute every parameter to a layer")
@@ -188,23 +188,31 @@ class GhostEngine(Engine):
         # keeping the explicit per-example gradients is free when they take no more memory
         # than the layer input and output gradient that the finisher would keep instead
         can_keep = (d * p + bias_numel) * b <= a.numel() + g.numel()
-        mode = layer.mode or self._plan(layer, a, g, b, k, rows, d, p, can_keep)
+        costs = self._costs(layer, a, g, k)
+        mode = layer.mode or self._plan(layer, a, g, b, k, rows, costs, can_keep)
         keep = mode == "explicit-keep" or (mode == "explicit" and can_keep)
         if mode == "ghost":
-            shifted = rows > 1 and self._costs(layer, a, g, k)["shifted"]
-            layer.used = "ghost, shifted" if shifted else "ghost"
+            way = "ghost, shifted" if rows > 1 and costs["shifted"] else "ghost"
         else:
-            layer.used = "explicit, kept" if keep else "explicit"
-        sq, kept = self._norms(layer, a, g, b, k, mode == "ghost", keep)
-        return sq, self._clipped(layer, a, g, b, kept)
+            way = "explicit, kept" if keep else "explicit"
+        layer.used = way
+        pullback = None
+        if layer.kind == "wsconv":  # the standardised weight's vjp, for norms and sum alike
+            _, pullback = vjp(m.standardize, *(t.detach() for t in m.ws_params()))
+        sq, kept, chunk_bytes = self._norms(layer, a, g, b, k, way, keep, pullback)
+        self._note_chunk(chunk_bytes)
+        if kept is not None:
+            self._note_held("per-example gradients kept", kept)
+        else:
+            self._note_held("layer inputs and output gradients", [a, g])
+        return sq, self._clipped(layer, a, g, b, kept, pullback)
 
-    def _plan(self, layer: _Layer, a, g, b: int, k: int, rows: int, d: int, p: int, can_keep):
+    def _plan(self, layer: _Layer, a, g, b: int, k: int, rows: int, costs: dict, can_keep):
         """'ghost' or 'explicit' for this layer's shapes: by FLOPs where clear, else timed."""
         if layer.kind == "wsconv":
             return "explicit"  # the standardised weight's pullback needs the explicit gradient
         if rows == 1:
             return "ghost"  # one position: the norm is a product of two vector norms
-        costs = self._costs(layer, a, g, k)
         ratio = costs["ghost"] / costs["explicit"]
         choice = "ghost" if ratio < 1 else "explicit"
         if os.environ.get("SCALEMIX_ENGINE_PLAN") == "flops" or not (
@@ -221,34 +229,32 @@ class GhostEngine(Engine):
             f"{layer.kind} {tuple(m.weight.shape)} {geometry} bias {m.bias is not None} | "
             f"input {tuple(a.shape[1:])} output {tuple(g.shape[1:])} K {k} | {a.dtype}"
         )
+        ghost_way = "ghost, shifted" if costs["shifted"] else "ghost"
 
         def candidates():
             ra, rg = torch.randn_like(a), torch.randn_like(g)  # timing never reads training data
             c = torch.rand(b, dtype=a.dtype, device=a.device)
 
-            def run(ghost: bool):
+            def run(way: str, keep: bool):
                 def go():
-                    ledger = dict(self.memory)  # timing runs are not the step's memory
-                    sq, kept = self._norms(layer, ra, rg, b, k, ghost, not ghost and can_keep)
-                    self._clipped(layer, ra, rg, b, kept)(c)
-                    self.memory = ledger
+                    kept = self._norms(layer, ra, rg, b, k, way, keep, None)[1]
+                    self._clipped(layer, ra, rg, b, kept, None)(c)
 
                 return go
 
-            return {"ghost": run(True), "explicit": run(False)}
+            return {"ghost": run(ghost_way, False), "explicit": run("explicit", can_keep)}
 
         return plans.choose(key, a.device, ("ghost", "explicit"), candidates)
 
-    def _norms(self, layer: _Layer, a, g, b: int, k: int, ghost: bool, keep: bool):
-        """Per-parameter squared per-example norms; the per-example gradients if ``keep``."""
+    def _norms(self, layer: _Layer, a, g, b: int, k: int, way: str, keep: bool, pullback):
+        """Per-parameter squared per-example norms, the per-example gradients if ``keep``,
+        and the bytes of the largest chunk's working tensors. ``way``: "ghost, shifted",
+        "ghost" (from the unfold) or "explicit"."""
         m = layer.module
         has_bias = getattr(m, "bias", None) is not None
         d, p = m.weight[0].numel(), m.weight.shape[0]
         rows = g[0].numel() // p * k
-        pullback = None
-        if layer.kind == "wsconv":
-            _, pullback = vjp(m.standardize, *(t.detach() for t in m.ws_params()))
-        shifted = ghost and rows > 1 and self._costs(layer, a, g, k)["shifted"]
+        shifted = way == "ghost, shifted"
         per_example = rows * max(d, p)
         if shifted:  # the padded positions' Gram matrix, the input's and the output's
             padded = k * (a.shape[2] + 2 * m.padding[0]) * (a.shape[3] + 2 * m.padding[1])
@@ -256,6 +262,7 @@ class GhostEngine(Engine):
         chunk = max(1, CHUNK_FLOATS // max(1, per_example))
         sq_chunks: list[list[torch.Tensor]] = []
         part_chunks: list[list[torch.Tensor]] = []
+        largest = 0
         for s in range(0, b, chunk):
             e = min(b, s + chunk)
             a_c, g_c = a[s * k : e * k], g[s * k : e * k]
@@ -268,8 +275,7 @@ class GhostEngine(Engine):
                 g2 = g3.transpose(1, 2)  # (nb, K*T, p), for the bias
                 parts = []
                 work = (e - s) * per_example  # everything: there is no unfold
-                a2 = None
-            elif ghost:
+            elif way == "ghost":
                 a2, g2 = self._positions(layer, a_c, g_c, e - s, k)
                 if rows == 1:
                     sq.append(a2.pow(2).sum((1, 2)) * g2.pow(2).sum((1, 2)))
@@ -277,13 +283,13 @@ class GhostEngine(Engine):
                     aa = torch.bmm(a2, a2.transpose(1, 2))
                     sq.append(_frob(aa, torch.bmm(g2, g2.transpose(1, 2))))
                 parts = []
-                work = 2 * (e - s) * rows * rows  # the two Gram matrices
+                work = a2.numel() + g2.numel() + 2 * (e - s) * rows * rows  # unfold, 2 Grams
             else:
                 a2, g2 = self._positions(layer, a_c, g_c, e - s, k)
                 per_ex = torch.bmm(g2.transpose(1, 2), a2).reshape(e - s, *m.weight.shape)
                 parts = list(vmap(pullback)(per_ex)) if pullback is not None else [per_ex]
                 sq += [t.reshape(e - s, -1).pow(2).sum(1) for t in parts]
-                work = (e - s) * d * p
+                work = a2.numel() + g2.numel() + (e - s) * d * p
             if has_bias:
                 bias_g = g2.sum(1)
                 sq.append(bias_g.pow(2).sum(1))
@@ -291,28 +297,22 @@ class GhostEngine(Engine):
             sq_chunks.append(sq)
             if keep:
                 part_chunks.append(parts)
-            unfolded = 0 if a2 is None else a2.numel() + g2.numel()
-            self._note_chunk((unfolded + work) * a.element_size())
+            largest = max(largest, work * a.element_size())
         sq_all = [torch.cat(c) for c in zip(*sq_chunks)]
         kept = [torch.cat(c) for c in zip(*part_chunks)] if keep else None
-        return sq_all, kept
+        return sq_all, kept, largest
 
-    def _clipped(self, layer: _Layer, a, g, b: int, kept: list[torch.Tensor] | None):
+    def _clipped(self, layer: _Layer, a, g, b: int, kept: list[torch.Tensor] | None, pullback):
         """sum_i c_i g_i: an einsum over the kept per-example gradients, or one more
         weight-gradient product with the output gradients scaled by c_i."""
         m = layer.module
         if kept is not None:
-            self._note_held("per-example gradients kept", kept)
 
             def from_kept(c: torch.Tensor) -> list[torch.Tensor]:
                 return [torch.einsum("b,b...->...", c, t) for t in kept]
 
             return from_kept
-        self._note_held("layer inputs and output gradients", [a, g])
         has_bias = getattr(m, "bias", None) is not None
-        pullback = None
-        if layer.kind == "wsconv":
-            _, pullback = vjp(m.standardize, *(t.detach() for t in m.ws_params()))
         n, p = a.shape[0], m.weight.shape[0]
 
         def recompute(c: torch.Tensor) -> list[torch.Tensor]:
@@ -407,7 +407,7 @@ class GhostEngine(Engine):
 
             return hook
 
-        self.memory: dict[str, int] = {}  # bytes, this call (the memory ledger)
+        self.memory = {}  # bytes, this call (the memory ledger)
         for layer in self.layers:
             layer.a, layer.calls = None, 0
         handles = [layer.module.register_forward_hook(forward_hook(layer)) for layer in self.layers]
