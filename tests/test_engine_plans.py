@@ -62,7 +62,7 @@ def test_a_stored_choice_wins_and_a_broken_cache_is_measured_again(cache):
     assert json.loads(cache.read_text())  # rewritten whole
 
 
-def test_flop_formula_decides_clear_cases_without_timing(cache, monkeypatch):
+def test_flop_formula_decides_ghost_or_explicit_and_timing_the_explicit_way(cache, monkeypatch):
     torch.manual_seed(0)
     model = torch.nn.Sequential(
         torch.nn.Conv2d(3, 8, 3, padding=1),  # rows 64, d 27, p 8: explicit by far
@@ -73,11 +73,21 @@ def test_flop_formula_decides_clear_cases_without_timing(cache, monkeypatch):
     x, y = torch.randn(6, 1, 3, 8, 8, dtype=torch.float64), torch.randint(0, 5, (6,))
     e = GhostEngine(model, clip=0.5)
     fast = e(x, y)
-    assert not cache.exists()  # nothing was in the band: nothing timed, nothing stored
-    assert [lay.used for lay in e.layers] == ["explicit, kept", "ghost"]
+    # ghost is out of the question for the convolution, but its two explicit ways have the
+    # same FLOPs: timed, stored; the one-row linear layer is never timed
+    stored = json.loads(cache.read_text())
+    assert len(stored) == 1 and "conv (8, 3, 3, 3)" in next(iter(stored))
+    assert set(stored.values()) <= {"explicit, grouped", "explicit, matmul"}
+    assert [lay.used for lay in e.layers] == [next(iter(stored.values())) + ", kept", "ghost"]
     ref = VmapEngine(model, clip=0.5)(x, y)
     for a, b in zip(fast.grads, ref.grads):
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-13)
+    monkeypatch.setenv("SCALEMIX_ENGINE_PLAN", "flops")  # equal FLOPs: the one with no unfold
+    plans._MEMORY.clear()
+    cache.unlink()
+    e2 = GhostEngine(model, clip=0.5)
+    e2(x, y)
+    assert not cache.exists() and e2.layers[0].used == "explicit, grouped, kept"
 
 
 def test_planned_layers_in_the_band_are_timed_and_match_the_reference(cache, monkeypatch):
@@ -106,7 +116,7 @@ def test_planned_layers_in_the_band_are_timed_and_match_the_reference(cache, mon
     cache.unlink()
     e2 = GhostEngine(model, clip=0.3)
     e2(x, y)
-    assert not cache.exists() and e2.layers[0].used.startswith("explicit")
+    assert not cache.exists() and e2.layers[0].used.startswith("explicit, grouped")
 
 
 def test_no_home_to_keep_choices_in_still_chooses(cache, monkeypatch):

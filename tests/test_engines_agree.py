@@ -39,8 +39,16 @@ def test_fast_engine_matches_reference(variant, k):
     assert float(fast.loss_sum) == pytest.approx(float(ref.loss_sum), rel=1e-12)
 
 
-def test_fast_engine_refuses_what_it_cannot_do():
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.PReLU())
+@pytest.mark.parametrize(
+    "model",
+    [
+        torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.PReLU()),
+        torch.nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"),  # not zero padding
+        torch.nn.Conv2d(3, 4, 3, padding="same"),
+        torch.nn.Conv2d(4, 4, 3, groups=2),
+    ],
+)
+def test_fast_engine_refuses_what_it_cannot_do(model):
     with pytest.raises(Exception, match="vmap"):
         GhostEngine(model, clip=1.0)
 
@@ -114,7 +122,16 @@ class _EveryLayer(torch.nn.Module):
 
 
 @pytest.mark.parametrize(
-    "mode", ["auto", "ghost", "explicit", "explicit-keep", "explicit-recompute"]
+    "mode",
+    [
+        "auto",
+        "ghost",
+        "explicit",
+        "explicit-keep/grouped",
+        "explicit-keep/matmul",
+        "explicit-recompute/grouped",
+        "explicit-recompute/matmul",
+    ],
 )
 @pytest.mark.parametrize("k", [1, 2])
 def test_every_parameter_tensor_matches_reference(mode, k):
@@ -132,14 +149,18 @@ def test_every_parameter_tensor_matches_reference(mode, k):
     clip = float(VmapEngine(model, clip=None)(x, y).norms.median())
     ref = VmapEngine(model, clip=clip)(x, y)
     engine = GhostEngine(model, clip=clip)
+    mode, _, impl = mode.partition("/")
     if mode != "auto":
         for layer in engine.layers:
-            if layer.kind in ("conv", "linear"):
-                layer.mode = mode
+            if layer.kind in ("conv", "wsconv", "linear"):
+                layer.mode, layer.per_example = mode, impl or None
     fast = engine(x, y)
-    if mode in ("explicit-keep", "explicit-recompute"):  # the forced way was taken
-        want = "explicit, kept" if mode == "explicit-keep" else "explicit"
-        assert {lay.used for lay in engine.layers if lay.kind in ("conv", "linear")} == {want}
+    if impl:  # the forced way was taken (linear layers have only the batched product)
+        keep = ", kept" if mode == "explicit-keep" else ""
+        for lay in engine.layers:
+            if lay.kind in ("conv", "wsconv", "linear"):
+                way = "matmul" if lay.kind == "linear" else impl
+                assert lay.used == f"explicit, {way}{keep}", (lay.used, lay.kind)
     names = [n for n, _ in model.named_parameters()]
     for name, a, b in zip(names, fast.grads, ref.grads):
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-13), name
@@ -174,3 +195,34 @@ def test_shifted_gram_equals_the_unfolded_gram(cin, cout, kernel, stride, paddin
     d, t = cols.shape[1:]
     a2 = cols.view(nb, k, d, t).permute(0, 1, 3, 2).reshape(nb, k * t, d)
     assert torch.allclose(got, torch.bmm(a2, a2.transpose(1, 2)), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("cin", "cout", "kernel", "stride", "padding", "dilation", "hw", "k"),
+    [
+        (3, 4, 3, 1, 1, 1, (8, 8), 1),
+        (3, 4, 3, 2, 1, 1, (9, 7), 2),
+        (2, 3, (3, 1), (2, 1), (1, 0), 1, (6, 5), 1),
+        (2, 3, 3, 1, 2, 2, (7, 7), 3),
+        (2, 2, 5, 3, 2, 1, (11, 10), 2),
+    ],
+)
+def test_grouped_per_example_gradient_equals_one_example_at_a_time(
+    cin, cout, kernel, stride, padding, dilation, hw, k
+):
+    """The explicit per-example gradient as one grouped weight gradient equals torch's
+    weight gradient of each example alone (its K views summed)."""
+    from scalemix.engine.ghost import _Layer
+
+    torch.manual_seed(0)
+    m = torch.nn.Conv2d(cin, cout, kernel, stride, padding, dilation, bias=False).double()
+    nb = 3
+    a = torch.randn(nb * k, cin, *hw, dtype=torch.float64)
+    g = torch.randn_like(m(a))
+    got = GhostEngine._grouped_per_example(_Layer(m, "conv", [0]), a, g, nb, k)
+    for i in range(nb):
+        rows = slice(i * k, (i + 1) * k)
+        want = torch.nn.grad.conv2d_weight(
+            a[rows], m.weight.shape, g[rows], m.stride, m.padding, m.dilation
+        )
+        assert torch.allclose(got[i], want, rtol=1e-10, atol=1e-12)

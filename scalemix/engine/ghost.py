@@ -53,8 +53,11 @@ class _Layer:
         self.module, self.kind, self.param_idx = module, kind, param_idx
         self.a: torch.Tensor | None = None
         # conv / linear: None = planned per shape (plans.py); or forced: "ghost",
-        # "explicit" (kept when free), "explicit-keep", "explicit-recompute"
+        # "explicit" (kept when free), "explicit-keep", "explicit-recompute", with the
+        # per-example gradient by ``per_example``: "grouped" (convolutions' default) or
+        # "matmul" (unfold and batched product; linear layers' only way)
         self.mode: str | None = None
+        self.per_example: str | None = None
         self.used: str | None = None  # the way the last call took
         self.calls = 0
 
@@ -77,6 +80,11 @@ def _kind(m: nn.Module) -> str:
     if kind in ("conv", "wsconv") and m.groups != 1:
         raise ConfigError(
             "engine 'scalemix' supports ungrouped convolutions only; use --engine vmap"
+        )
+    if kind in ("conv", "wsconv") and (m.padding_mode != "zeros" or isinstance(m.padding, str)):
+        raise ConfigError(
+            f"engine 'scalemix' supports numeric zero padding only (this convolution has "
+            f"padding={m.padding!r}, padding_mode={m.padding_mode!r}); use --engine vmap"
         )
     return kind
 
@@ -146,7 +154,7 @@ class GhostEngine(Engine):
         d, p = m.weight[0].numel(), m.weight.shape[0]
         rows = g[0].numel() // p * k
         out = {"ghost": rows * rows * (d + p), "explicit": rows * d * p, "shifted": False}
-        if layer.kind == "conv" and m.padding_mode == "zeros" and not isinstance(m.padding, str):
+        if layer.kind == "conv":  # numeric zero padding (``_kind``)
             (ph, pw), (kh, kw) = m.padding, m.kernel_size
             padded = k * (a.shape[2] + 2 * ph) * (a.shape[3] + 2 * pw)
             shifted = padded * padded * a.shape[1] + rows * rows * kh * kw
@@ -189,13 +197,18 @@ class GhostEngine(Engine):
         # than the layer input and output gradient that the finisher would keep instead
         can_keep = (d * p + bias_numel) * b <= a.numel() + g.numel()
         costs = self._costs(layer, a, g, k)
-        mode = layer.mode or self._plan(layer, a, g, b, k, rows, costs, can_keep)
-        keep = mode == "explicit-keep" or (mode == "explicit" and can_keep)
-        if mode == "ghost":
-            way = "ghost, shifted" if rows > 1 and costs["shifted"] else "ghost"
-        else:
-            way = "explicit, kept" if keep else "explicit"
-        layer.used = way
+        if layer.mode is None:
+            way = self._plan(layer, a, g, b, k, rows, costs, can_keep)
+            keep = way.startswith("explicit") and can_keep
+        elif layer.mode == "ghost" and layer.kind != "wsconv":
+            way, keep = "ghost", False
+        else:  # forced explicit (weight standardisation's pullback needs it): the forced or default per-example implementation
+            impl = "matmul" if layer.kind == "linear" else layer.per_example or "grouped"
+            way = f"explicit, {impl}"
+            keep = layer.mode == "explicit-keep" or (layer.mode == "explicit" and can_keep)
+        if way == "ghost" and rows > 1 and costs["shifted"]:
+            way = "ghost, shifted"
+        layer.used = way + (", kept" if keep else "")
         pullback = None
         if layer.kind == "wsconv":  # the standardised weight's vjp, for norms and sum alike
             _, pullback = vjp(m.standardize, *(t.detach() for t in m.ws_params()))
@@ -208,48 +221,77 @@ class GhostEngine(Engine):
         return sq, self._clipped(layer, a, g, b, kept, pullback)
 
     def _plan(self, layer: _Layer, a, g, b: int, k: int, rows: int, costs: dict, can_keep):
-        """'ghost' or 'explicit' for this layer's shapes: by FLOPs where clear, else timed."""
-        if layer.kind == "wsconv":
-            return "explicit"  # the standardised weight's pullback needs the explicit gradient
-        if rows == 1:
+        """The way to this layer's norms for its shapes: "ghost", or the explicit
+        per-example gradient by "explicit, matmul" (unfold and batched product) or
+        "explicit, grouped" (a convolution's weight gradient with the examples as groups,
+        no unfold). Ghost or explicit by FLOPs where clear; the two explicit ways have the
+        same FLOPs, so between them, and wherever FLOPs do not decide, by timing."""
+        if rows == 1 and layer.kind != "wsconv":
             return "ghost"  # one position: the norm is a product of two vector norms
+        explicit = ["explicit, matmul"]
+        if layer.kind != "linear":
+            explicit.insert(0, "explicit, grouped")
         ratio = costs["ghost"] / costs["explicit"]
-        choice = "ghost" if ratio < 1 else "explicit"
-        if os.environ.get("SCALEMIX_ENGINE_PLAN") == "flops" or not (
-            1 / plans.CLEAR <= ratio <= plans.CLEAR
-        ):
-            return choice
+        if layer.kind == "wsconv":  # the standardised weight's pullback needs the explicit gradient
+            options = explicit
+        elif ratio < 1 / plans.CLEAR:
+            options = ["ghost"]
+        elif ratio > plans.CLEAR:
+            options = explicit
+        else:
+            options = ["ghost", *explicit]
+        if len(options) == 1:
+            return options[0]
+        if os.environ.get("SCALEMIX_ENGINE_PLAN") == "flops":
+            # equal FLOPs: the grouped way, which needs no unfold memory
+            return "ghost" if "ghost" in options and ratio < 1 else explicit[0]
         m = layer.module
         geometry = (
             f"stride {m.stride} padding {m.padding} dilation {m.dilation}"
-            if layer.kind == "conv"
+            if layer.kind != "linear"
             else "linear"
         )
         key = (
             f"{layer.kind} {tuple(m.weight.shape)} {geometry} bias {m.bias is not None} | "
             f"input {tuple(a.shape[1:])} output {tuple(g.shape[1:])} K {k} | {a.dtype}"
         )
-        ghost_way = "ghost, shifted" if costs["shifted"] else "ghost"
 
         def candidates():
             ra, rg = torch.randn_like(a), torch.randn_like(g)  # timing never reads training data
             c = torch.rand(b, dtype=a.dtype, device=a.device)
 
-            def run(way: str, keep: bool):
+            def run(way: str):
+                keep = way.startswith("explicit") and can_keep
+                if way == "ghost" and costs["shifted"]:
+                    way = "ghost, shifted"
+
                 def go():
                     kept = self._norms(layer, ra, rg, b, k, way, keep, None)[1]
                     self._clipped(layer, ra, rg, b, kept, None)(c)
 
                 return go
 
-            return {"ghost": run(ghost_way, False), "explicit": run("explicit", can_keep)}
+            return {way: run(way) for way in options}
 
-        return plans.choose(key, a.device, ("ghost", "explicit"), candidates)
+        return plans.choose(key, a.device, tuple(options), candidates)
+
+    @staticmethod
+    def _grouped_per_example(layer: _Layer, a_c, g_c, nb: int, k: int) -> torch.Tensor:
+        """(nb, *weight.shape): each example's weight gradient, its K views summed, as one
+        convolution weight gradient with the examples as groups (views as the batch)."""
+        m = layer.module
+        c, p = a_c.shape[1], g_c.shape[1]
+        x = a_c.view(nb, k, *a_c.shape[1:]).transpose(0, 1).reshape(k, nb * c, *a_c.shape[2:])
+        gy = g_c.view(nb, k, *g_c.shape[1:]).transpose(0, 1).reshape(k, nb * p, *g_c.shape[2:])
+        w = torch.nn.grad.conv2d_weight(
+            x, (nb * p, *m.weight.shape[1:]), gy, m.stride, m.padding, m.dilation, groups=nb
+        )
+        return w.view(nb, *m.weight.shape)
 
     def _norms(self, layer: _Layer, a, g, b: int, k: int, way: str, keep: bool, pullback):
         """Per-parameter squared per-example norms, the per-example gradients if ``keep``,
         and the bytes of the largest chunk's working tensors. ``way``: "ghost, shifted",
-        "ghost" (from the unfold) or "explicit"."""
+        "ghost" (from the unfold), "explicit, matmul" or "explicit, grouped"."""
         m = layer.module
         has_bias = getattr(m, "bias", None) is not None
         d, p = m.weight[0].numel(), m.weight.shape[0]
@@ -259,7 +301,10 @@ class GhostEngine(Engine):
         if shifted:  # the padded positions' Gram matrix, the input's and the output's
             padded = k * (a.shape[2] + 2 * m.padding[0]) * (a.shape[3] + 2 * m.padding[1])
             per_example = padded * (padded + a.shape[1]) + rows * (2 * rows + p)
-        chunk = max(1, CHUNK_FLOATS // max(1, per_example))
+        elif way == "explicit, grouped":  # the per-example gradients, and the views' copies
+            per_example = d * p + (a[0].numel() + g[0].numel()) * k * (k > 1)
+        # kept per-example gradients are made whole: chunks would only add their concatenation
+        chunk = b if keep and way == "explicit, grouped" else max(1, CHUNK_FLOATS // per_example)
         sq_chunks: list[list[torch.Tensor]] = []
         part_chunks: list[list[torch.Tensor]] = []
         largest = 0
@@ -285,13 +330,21 @@ class GhostEngine(Engine):
                 parts = []
                 work = a2.numel() + g2.numel() + 2 * (e - s) * rows * rows  # unfold, 2 Grams
             else:
-                a2, g2 = self._positions(layer, a_c, g_c, e - s, k)
-                per_ex = torch.bmm(g2.transpose(1, 2), a2).reshape(e - s, *m.weight.shape)
+                if way == "explicit, grouped":
+                    per_ex = self._grouped_per_example(layer, a_c, g_c, e - s, k)
+                    g2 = None
+                    work = (e - s) * per_example
+                else:
+                    a2, g2 = self._positions(layer, a_c, g_c, e - s, k)
+                    per_ex = torch.bmm(g2.transpose(1, 2), a2).reshape(e - s, *m.weight.shape)
+                    work = a2.numel() + g2.numel() + (e - s) * d * p
                 parts = list(vmap(pullback)(per_ex)) if pullback is not None else [per_ex]
-                sq += [t.reshape(e - s, -1).pow(2).sum(1) for t in parts]
-                work = a2.numel() + g2.numel() + (e - s) * d * p
+                sq += [_frob(t, t) for t in parts]
             if has_bias:
-                bias_g = g2.sum(1)
+                if g2 is None:  # (nb, p): sum over positions and views
+                    bias_g = g_c.reshape(e - s, k, p, -1).sum((1, 3))
+                else:
+                    bias_g = g2.sum(1)
                 sq.append(bias_g.pow(2).sum(1))
                 parts = parts + [bias_g]
             sq_chunks.append(sq)
