@@ -180,11 +180,15 @@ class SecretStream:
         math_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         for start in range(0, half, NORMAL_BLOCK):
             pairs = min(NORMAL_BLOCK, half - start)
-            raw = cls._to_tensor(stream.update(bytes(12 * pairs)), device).view(pairs, 12)
-            # reshape: a packed copy (one pair: an aligned view), whatever the pair count
-            r_bits = raw[:, :8].reshape(-1).view(torch.int64)
-            a_bits = raw[:, 8:].reshape(-1).view(torch.int32)
-            u1 = ((r_bits >> 11) & _MASK53).to(torch.float64).add_(1.0).mul_(2.0**-53)  # (0, 1]
+            # three little-endian 32-bit words a pair: the radius's 64 bits (low, high word)
+            # and the angle's 32; read as words, never as strided bytes
+            words = cls._to_tensor(stream.update(bytes(12 * pairs)), device).view(torch.int32)
+            words = words.view(pairs, 3)
+            low = words[:, 0].to(torch.int64) & 0xFFFFFFFF
+            high = words[:, 1].to(torch.int64) & 0xFFFFFFFF
+            # the top 53 of the radius's 64 bits
+            u1 = ((high << 21) | (low >> 11)).to(torch.float64).add_(1.0).mul_(2.0**-53)  # (0, 1]
+            a_bits = words[:, 2]
             # The radius carries the tails: float64 log of a 53-bit uniform (to 8.6 sigma);
             # the angle needs only the output precision.
             radius = u1.log_().mul_(-2.0).sqrt_().to(math_dtype)
