@@ -141,6 +141,26 @@ def test_stream_statistics_and_state():
     assert torch.equal(t.uniform(100_000), u)  # the draw counter is the whole state
 
 
+def test_noise_is_box_muller_of_the_keystream_as_documented():
+    """An independent reading of a draw's bytes, pair by pair in pure Python: 8 bytes
+    little-endian, their top 53 bits for the radius's uniform in (0, 1], then a signed
+    32-bit angle; across a piece boundary and for an odd count."""
+    import math
+    import struct
+
+    from scalemix.privacy.randomness import NORMAL_BLOCK
+
+    n = 2 * NORMAL_BLOCK + 3
+    got = SecretStream(bytes(range(32)), "noise").normal(n, dtype=torch.float64)
+    raw = SecretStream(bytes(range(32)), "noise").random_bytes(12 * ((n + 1) // 2))
+    want = []
+    for r, a in struct.iter_unpack("<Qi", raw):
+        u = ((r >> 11) + 1) * 2.0**-53
+        radius, angle = math.sqrt(-2.0 * math.log(u)), a * 2.0 * math.pi / 2.0**32
+        want += [radius * math.cos(angle), radius * math.sin(angle)]
+    assert torch.allclose(got, torch.tensor(want[:n], dtype=torch.float64), rtol=1e-12, atol=1e-14)
+
+
 def test_noise_read_in_pieces_is_the_one_draw(monkeypatch):
     """add_ reads a draw piece by piece (bounded memory): every tensor gets exactly its
     slice of normal() of the same draw, across piece boundaries, empty and strided
