@@ -13,11 +13,13 @@ One chunk costs one ordinary forward pass over all B*K views, one backward pass 
                 input's positions, summed over the kh kw kernel offsets
                 (cost ~ (Hp Wp)^2 C + T^2 (kh kw + p); from the unfold ~ T^2 (d + p))
     - explicit: g_i = G_i^T A_i, then its norm                    cost ~ T d p
+                for a convolution either by the unfold and a batched product or as one
+                weight-gradient convolution with the examples as groups (no unfold)
   chosen by the FLOP count where it is clear and by timing where it is not, once per
   shape and machine (plans.py);
 * the clipped sum sum_i c_i g_i: one more weight-gradient product with the output
   gradients scaled by c_i, or an einsum over the explicit g_i where keeping those takes
-  no more memory than keeping the layer's input and output gradient.
+  at most KEEP_RATIO times the memory of the layer's input and output gradient.
 
 Norms are computed inside the backward pass (a tensor hook on each layer's output), in
 chunks of examples, so that output gradients and unfolded activations are freed as the

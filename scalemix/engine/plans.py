@@ -3,12 +3,14 @@
 For a convolution or linear layer the per-example squared gradient norm comes either from
 ghost norms (two Gram matrices; for a convolution the input's by shifts of its padded
 positions' Gram, ~ (Hp Wp)^2 C + T^2 (kh kw + p) per example, or from the unfold,
-~ T^2 (d + p)) or from the explicit per-example gradient (~ T d p, plus the unfold); see
-``GhostEngine._costs``. The FLOP formula decides when it is clear (one side at least
-``CLEAR`` times cheaper); in between, where the speed of the
-batched products, the unfold and the memory traffic on this device decide, both ways are
-timed once on random tensors of the layer's shapes (never on training data) and the
-faster one is kept.
+~ T^2 (d + p)) or from the explicit per-example gradient (~ T d p), made either by the
+unfold and a batched product or, for a convolution, by one weight-gradient convolution
+with the examples as groups; see ``GhostEngine._costs`` and ``GhostEngine._plan``. The
+FLOP formula decides ghost or explicit when it is clear (one side at least ``CLEAR``
+times cheaper); in between, and between the two explicit ways (equal FLOPs), where the
+speed of the batched products, the convolution kernels and the memory traffic on this
+device decide, the ways are timed once on random tensors of the layer's shapes (never on
+training data) and the fastest is kept.
 
 A choice is cached per layer shape (the per-example shapes of its input and output
 gradient, K, dtype, device) and per machine (torch version, device name, threads), in
