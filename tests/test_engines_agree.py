@@ -176,6 +176,7 @@ def test_every_parameter_tensor_matches_reference(mode, k):
         (2, 3, 3, 1, 2, 2, (7, 7), 3),
         (4, 5, 1, 2, 0, 1, (8, 8), 1),
         (2, 2, 5, 3, 2, 1, (11, 10), 2),
+        (2, 3, 3, 5, 2, 1, (3, 3), 2),  # two of the three taps read only padding
     ],
 )
 def test_shifted_gram_equals_the_unfolded_gram(cin, cout, kernel, stride, padding, dilation, hw, k):

@@ -9,9 +9,9 @@ One chunk costs one ordinary forward pass over all B*K views, one backward pass 
 * the per-example gradient norm, by whichever way is cheaper for the layer's shape
   (T = positions per example, K views included; d = fan-in = C kh kw; p = outputs):
     - ghost:    ||g_i||^2 = sum((A_i A_i^T) * (G_i G_i^T)), where for a convolution
-                A_i A_i^T comes without the unfold from the Gram matrix of the padded
-                input's positions, summed over the kh kw kernel offsets
-                (cost ~ (Hp Wp)^2 C + T^2 (kh kw + p); from the unfold ~ T^2 (d + p))
+                A_i A_i^T comes without the unfold from the Gram matrix of the input's
+                positions, its blocks summed over the kh kw kernel offsets
+                (cost ~ (H W)^2 C + T^2 (kh kw + p); from the unfold ~ T^2 (d + p))
     - explicit: g_i = G_i^T A_i, then its norm                    cost ~ T d p
                 for a convolution either by the unfold and a batched product or as one
                 weight-gradient convolution with the examples as groups (no unfold)
@@ -165,9 +165,9 @@ class GhostEngine(Engine):
         rows = g[0].numel() // p * k
         out = {"ghost": rows * rows * (d + p), "explicit": rows * d * p, "shifted": False}
         if layer.kind == "conv":  # numeric zero padding (``_kind``)
-            (ph, pw), (kh, kw) = m.padding, m.kernel_size
-            padded = k * (a.shape[2] + 2 * ph) * (a.shape[3] + 2 * pw)
-            shifted = padded * padded * a.shape[1] + rows * rows * kh * kw
+            kh, kw = m.kernel_size
+            positions = k * a.shape[2] * a.shape[3]
+            shifted = positions * positions * a.shape[1] + rows * rows * kh * kw
             if shifted < rows * rows * d:
                 out["ghost"], out["shifted"] = shifted + rows * rows * p, True
         return out
@@ -176,25 +176,39 @@ class GhostEngine(Engine):
     def _shifted_gram(layer: _Layer, x: torch.Tensor, nb: int, k: int, out_hw) -> torch.Tensor:
         """Each example's Gram matrix of its unfolded input, (nb, K*T, K*T), without the
         unfold: a patch is C channels at kh*kw shifted positions, so
-        (A A^T)[t, t'] = sum over kernel offsets o of X^T X [t*stride + o, t'*stride + o],
-        the Gram of the zero-padded input's positions (C per entry) summed over kh*kw
-        strided slices: (K Hp Wp)^2 C + (K T)^2 kh kw multiply-adds instead of (K T)^2 C kh kw.
+        (A A^T)[t, t'] = sum over kernel offsets o of X^T X [t*stride + o - pad, t'*stride + o - pad],
+        where a position in the padding contributes zero: the Gram matrix of the input's
+        positions (C per entry), and for each offset its strided block of the positions
+        that offset reads inside the input, added into the block of the output positions
+        that read them. (K H W)^2 C + (K T)^2 kh kw multiply-adds instead of (K T)^2 C kh kw.
         """
         m = layer.module
         (ph, pw), (kh, kw) = m.padding, m.kernel_size
         (sh, sw), (dh, dw) = m.stride, m.dilation
         ho, wo = out_hw
-        xp = F.pad(x, (pw, pw, ph, ph))
-        c, hp, wp = xp.shape[1:]
-        xs = xp.reshape(nb, k, c, hp * wp).transpose(1, 2).reshape(nb, c, k * hp * wp)
-        gx = torch.bmm(xs.transpose(1, 2), xs).view(nb, k, hp, wp, k, hp, wp)
-        aa = None
+        c, h, w = x.shape[1:]
+        xs = x.reshape(nb, k, c, h * w).transpose(1, 2).reshape(nb, c, k * h * w)
+        gx = torch.bmm(xs.transpose(1, 2), xs).view(nb, k, h, w, k, h, w)
+
+        def reads(offset: int, step: int, dil: int, pad: int, size: int, out: int):
+            """Output positions [o0, o1) whose tap ``offset`` falls inside the input, and
+            the strided input slice they read."""
+            shift = offset * dil - pad  # input index of output 0's tap
+            o0 = max(0, -(shift // step) if shift < 0 else 0)
+            o1 = min(out, (size - 1 - shift) // step + 1) if size - 1 - shift >= 0 else 0
+            first = o0 * step + shift
+            return o0, o1, slice(first, first + step * (o1 - o0 - 1) + 1, step)
+
+        aa = gx.new_zeros(nb, k, ho, wo, k, ho, wo)
         for i in range(kh):
+            r0, r1, rs = reads(i, sh, dh, ph, h, ho)
+            if r0 >= r1:
+                continue
             for j in range(kw):
-                rs = slice(i * dh, i * dh + sh * (ho - 1) + 1, sh)
-                cs = slice(j * dw, j * dw + sw * (wo - 1) + 1, sw)
-                part = gx[:, :, rs, cs, :, rs, cs]
-                aa = part.clone() if aa is None else aa.add_(part)
+                c0, c1, cs = reads(j, sw, dw, pw, w, wo)
+                if c0 >= c1:
+                    continue
+                aa[:, :, r0:r1, c0:c1, :, r0:r1, c0:c1] += gx[:, :, rs, cs, :, rs, cs]
         return aa.reshape(nb, k * ho * wo, k * ho * wo)
 
     def _matmul_layer(self, layer: _Layer, a: torch.Tensor, g: torch.Tensor, b: int, k: int):
@@ -309,9 +323,9 @@ class GhostEngine(Engine):
         rows = g[0].numel() // p * k
         shifted = way == "ghost, shifted"
         per_example = rows * max(d, p)
-        if shifted:  # the padded positions' Gram matrix, the input's and the output's
-            padded = k * (a.shape[2] + 2 * m.padding[0]) * (a.shape[3] + 2 * m.padding[1])
-            per_example = padded * (padded + a.shape[1]) + rows * (2 * rows + p)
+        if shifted:  # the input positions' Gram matrix, the input's and the output's
+            positions = k * a.shape[2] * a.shape[3]
+            per_example = positions * (positions + a.shape[1]) + rows * (2 * rows + p)
         elif way == "explicit, grouped":  # the per-example gradients, and the views' copies
             per_example = d * p + (a[0].numel() + g[0].numel()) * k * (k > 1)
         chunk = max(1, CHUNK_FLOATS // per_example)
