@@ -167,7 +167,9 @@ def test_every_parameter_tensor_matches_reference(mode, k):
     assert torch.allclose(fast.layer_norms_sq, ref.layer_norms_sq, rtol=1e-9, atol=1e-20)
 
 
-@pytest.mark.parametrize(
+# convolution geometries for the per-layer ways: strides, dilations, rectangular
+# kernels, K views
+CONV_GEOMETRIES = pytest.mark.parametrize(
     ("cin", "cout", "kernel", "stride", "padding", "dilation", "hw", "k"),
     [
         (3, 4, 3, 1, 1, 1, (8, 8), 1),
@@ -179,9 +181,12 @@ def test_every_parameter_tensor_matches_reference(mode, k):
         (2, 3, 3, 5, 2, 1, (3, 3), 2),  # two of the three taps read only padding
     ],
 )
+
+
+@CONV_GEOMETRIES
 def test_shifted_gram_equals_the_unfolded_gram(cin, cout, kernel, stride, padding, dilation, hw, k):
-    """The ghost norm's input Gram matrix by shifts of the padded positions' Gram equals
-    the one from the unfold, for strides, dilations, rectangular kernels and K views."""
+    """The ghost norm's input Gram matrix from the input positions' Gram, each tap's block
+    added where it reads inside the input, equals the one from the unfold."""
     import torch.nn.functional as F
 
     from scalemix.engine.ghost import _Layer
@@ -198,16 +203,7 @@ def test_shifted_gram_equals_the_unfolded_gram(cin, cout, kernel, stride, paddin
     assert torch.allclose(got, torch.bmm(a2, a2.transpose(1, 2)), rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize(
-    ("cin", "cout", "kernel", "stride", "padding", "dilation", "hw", "k"),
-    [
-        (3, 4, 3, 1, 1, 1, (8, 8), 1),
-        (3, 4, 3, 2, 1, 1, (9, 7), 2),
-        (2, 3, (3, 1), (2, 1), (1, 0), 1, (6, 5), 1),
-        (2, 3, 3, 1, 2, 2, (7, 7), 3),
-        (2, 2, 5, 3, 2, 1, (11, 10), 2),
-    ],
-)
+@CONV_GEOMETRIES
 def test_grouped_per_example_gradient_equals_one_example_at_a_time(
     cin, cout, kernel, stride, padding, dilation, hw, k
 ):

@@ -173,6 +173,11 @@ class GhostEngine(Engine):
         return out
 
     @staticmethod
+    def _ghost_way(costs: dict, rows: int) -> str:
+        """Ghost norms with the input Gram by shifts where that is cheaper, else unfolded."""
+        return "ghost, shifted" if rows > 1 and costs["shifted"] else "ghost"
+
+    @staticmethod
     def _shifted_gram(layer: _Layer, x: torch.Tensor, nb: int, k: int, out_hw) -> torch.Tensor:
         """Each example's Gram matrix of its unfolded input, (nb, K*T, K*T), without the
         unfold: a patch is C channels at kh*kw shifted positions, so
@@ -231,8 +236,8 @@ class GhostEngine(Engine):
             impl = "matmul" if layer.kind == "linear" else layer.per_example or "grouped"
             way = f"explicit, {impl}"
             keep = layer.mode == "explicit-keep" or (layer.mode == "explicit" and can_keep)
-        if way == "ghost" and rows > 1 and costs["shifted"]:
-            way = "ghost, shifted"
+        if way == "ghost":
+            way = self._ghost_way(costs, rows)
         layer.used = way + (", kept" if keep else "")
         pullback = None
         if layer.kind == "wsconv":  # the standardised weight's vjp, for norms and sum alike
@@ -288,8 +293,8 @@ class GhostEngine(Engine):
 
             def run(way: str):
                 keep = way.startswith("explicit") and can_keep
-                if way == "ghost" and costs["shifted"]:
-                    way = "ghost, shifted"
+                if way == "ghost":
+                    way = self._ghost_way(costs, rows)
 
                 def go():
                     kept = self._norms(layer, ra, rg, b, k, way, keep, None)[1]
@@ -342,7 +347,6 @@ class GhostEngine(Engine):
                 g3 = g_c.reshape(e - s, k, p, -1).transpose(1, 2).reshape(e - s, p, rows)
                 aa = self._shifted_gram(layer, a_c, e - s, k, g_c.shape[2:])
                 sq.append(_frob(aa, torch.bmm(g3.transpose(1, 2), g3)))
-                g2 = g3.transpose(1, 2)  # (nb, K*T, p), for the bias
                 parts = []
                 work = (e - s) * per_example  # everything: there is no unfold
             elif way == "ghost":
@@ -357,7 +361,6 @@ class GhostEngine(Engine):
             else:
                 if way == "explicit, grouped":
                     per_ex = self._grouped_per_example(layer, a_c, g_c, e - s, k)
-                    g2 = None
                     work = (e - s) * per_example
                 else:
                     a2, g2 = self._positions(layer, a_c, g_c, e - s, k)
@@ -365,11 +368,11 @@ class GhostEngine(Engine):
                     work = a2.numel() + g2.numel() + (e - s) * d * p
                 parts = list(vmap(pullback)(per_ex)) if pullback is not None else [per_ex]
                 sq += [_frob(t, t) for t in parts]
-            if has_bias:
-                if g2 is None:  # (nb, p): sum over positions and views
-                    bias_g = g_c.reshape(e - s, k, p, -1).sum((1, 3))
+            if has_bias:  # (nb, p): the output gradient summed over positions and views
+                if layer.kind == "linear":
+                    bias_g = g_c.reshape(e - s, -1, p).sum(1)
                 else:
-                    bias_g = g2.sum(1)
+                    bias_g = g_c.reshape(e - s, k, p, -1).sum((1, 3))
                 sq.append(bias_g.pow(2).sum(1))
                 parts = parts + [bias_g]
             sq_chunks.append(sq)
