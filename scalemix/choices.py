@@ -18,7 +18,7 @@ ACTS = ("relu", "mish", "silu")
 BATCH_COUPLED_NORMS = ("batch",)  # norms whose output for one example depends on others
 # privacy
 ACCOUNTANTS = ("prv", "rdp")
-NOISE_MODES = ("secure", "seeded")
+NOISE_MODES = ("secure", "seeded", "seeded-shared")  # seeded-shared: one seed's runs share noise
 SAMPLERS = ("poisson", "shuffle")
 DP_ENGINES = ("scalemix", "vmap")
 PRECISIONS = ("fp32", "bf16")  # bf16: autocast forward/backward; norms, clipping, noise fp32

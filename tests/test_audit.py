@@ -211,7 +211,16 @@ def test_input_canaries_are_ordinary_examples_and_rescored_from_the_model(
     n = digits8.train_y.shape[0]
     assert tr.n == n - 100 and len(tr.train_y) == n  # 100 real examples became canaries
     c = load_canaries(tmp_path / "input")
-    assert (c["y"] != digits8.train_y[c["source_index"]].numpy()).all()  # mislabelled
+    # the file holds no image and no label of a private example: indices and shifts only
+    assert not {"x", "y", "source_index"} & set(c)
+    index, shift = torch.from_numpy(c["data_index"]), torch.from_numpy(c["shift"])
+    assert ((shift >= 1) & (shift <= 9)).all()
+    wrong = (digits8.train_y[index] + shift) % 10
+    assert torch.equal(wrong, tr.canaries.y) and (wrong != digits8.train_y[index]).all()
+    assert torch.equal(digits8.train_x[index], tr.canaries.x)
+    assert not any(a.dtype == np.uint8 and a.size >= 64 for a in c.values() if hasattr(a, "dtype"))
+    privacy = json.loads((tmp_path / "input" / "privacy.json").read_text())
+    assert "100 training examples were input canaries" in privacy["canaries"]
     assert res["private_examples"] == n - 100
     out = subprocess.run(
         [sys.executable, "-m", "scalemix", "audit", str(tmp_path / "input"), "--json"],

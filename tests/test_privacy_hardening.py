@@ -56,7 +56,7 @@ def test_two_secure_runs_with_the_same_seed_draw_different_batches_and_noise(
         assert torch.equal(pa, pb)
     # and what the checkpoint would hold of the streams is never a key
     state = a._rng_state()["rng"]
-    assert set(state) == {"mode", "seed_key_id", "sampler", "noise", "canary", "aug"}
+    assert set(state) == {"mode", "seed_key_id", "sampler", "noise", "canary"}
     assert state["sampler"] == {"draws": 0}
 
 
@@ -78,7 +78,7 @@ def test_seeded_batches_depend_on_the_secret_key_not_only_on_the_published_seed(
 def test_seeded_noise_does_not_predict_the_batch():
     """The old code drew the batch mask and the noise from one generator; here the step-1
     mask recovered from the step-1 noise (the attack of the review) is at chance level."""
-    rng = RunRandomness("seeded", 0)
+    rng = RunRandomness("seeded", 0, identity="run")
     n, q = 20_000, 0.3
     u = rng.sampler.uniform(n)
     mask = u < q
@@ -143,7 +143,7 @@ def test_stream_statistics_and_state():
 
 def test_noise_is_box_muller_of_the_keystream_as_documented():
     """An independent reading of a draw's bytes, pair by pair in pure Python: 8 bytes
-    little-endian, their top 53 bits for the radius's uniform in (0, 1], then a signed
+    little-endian and 4 more for the radius's 96-bit uniform in (0, 1], then a signed
     32-bit angle; across a piece boundary and for an odd count."""
     import math
     import struct
@@ -152,10 +152,10 @@ def test_noise_is_box_muller_of_the_keystream_as_documented():
 
     n = 2 * NORMAL_BLOCK + 3
     got = SecretStream(bytes(range(32)), "noise").normal(n, dtype=torch.float64)
-    raw = SecretStream(bytes(range(32)), "noise").random_bytes(12 * ((n + 1) // 2))
+    raw = SecretStream(bytes(range(32)), "noise").random_bytes(16 * ((n + 1) // 2))
     want = []
-    for r, a in struct.iter_unpack("<Qi", raw):
-        u = ((r >> 11) + 1) * 2.0**-53
+    for r, e, a in struct.iter_unpack("<QIi", raw):
+        u = min(1.0, (r * 2**32 + e + 1) / 2**96)  # exact rational, rounded once
         radius, angle = math.sqrt(-2.0 * math.log(u)), a * 2.0 * math.pi / 2.0**32
         want += [radius * math.cos(angle), radius * math.sin(angle)]
     assert torch.allclose(got, torch.tensor(want[:n], dtype=torch.float64), rtol=1e-12, atol=1e-14)

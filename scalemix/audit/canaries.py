@@ -16,14 +16,20 @@ Gaussian noise draw covers them. Nothing about them is a side path of the mechan
   M numbers longer.
 - ``input`` (black box): M examples taken out of the training split, each relabelled with
   a random wrong class, appended to the training data when included; scored after
-  training by the final model's loss on them.
+  training by the final model's loss on them. The run's files hold no image or label of
+  them: ``audit/canaries.npz`` keeps their indices in the data set and the label shifts
+  (functions of the secret canary stream alone), and ``scalemix audit`` re-reads the
+  images from the data set.
 
 The sampler draws a uniform for every canary at every step, included or not, so the
 "would-have-been-drawn" steps of excluded canaries exist too: the *known batches*
 auditor (the adversary of a run whose sampler is not secret) uses them.
 
 Everything the audit needs is stored in ``audit/canaries.npz``; ``scalemix audit``
-recomputes the bounds from it (and, for input canaries, from ``model.pt``).
+recomputes the bounds from it (and, for input canaries, from ``model.pt`` and the data
+set). A checkpoint holds the whole canary set (coins, picks, shifts), so a resumed run --
+secure mode included, whose streams restart under a new key -- scores its observations
+against the coins they were made with.
 """
 
 from __future__ import annotations
@@ -52,12 +58,17 @@ class Canaries:
         x: torch.Tensor | None = None,
         y: torch.Tensor | None = None,
         source_index: torch.Tensor | None = None,
+        shift: torch.Tensor | None = None,
+        data_index: torch.Tensor | None = None,
     ):
         if kind not in CANARY_KINDS:
             raise ConfigError(f"--canary-kind {kind!r} is not one of: {', '.join(CANARY_KINDS)}")
         self.kind, self.member = kind, member.bool().cpu()
         self.m = len(self.member)
+        # input canaries: images and wrong labels (memory only), their index among the
+        # run's private examples and in the data set's training split, the label shifts
         self.x, self.y, self.source_index = x, y, source_index
+        self.shift, self.data_index = shift, data_index
         self.draws: list[torch.Tensor] = []  # per step: bool (m,) drawn by the sampler
         self.obs: list[torch.Tensor] = []  # per step (gradient): the noisy audit vector
 
@@ -65,13 +76,16 @@ class Canaries:
 
     @classmethod
     def create(cls, kind: str, m: int, stream, *, data=None) -> Canaries:
-        """Draw the coins (and the input examples) from the run's ``canary`` stream."""
+        """Draw the coins (and the input examples) from the run's ``canary`` stream.
+
+        ``data = (train_x, train_y, num_classes, data_index)`` for input canaries, where
+        ``data_index[i]`` is private example i's index in the data set's training split."""
         if m < 2:
             raise ConfigError(f"--audit-canaries needs at least 2 canaries, got {m}")
         member = stream.uniform(m) < 0.5
         if kind == "gradient":
             return cls(kind, member)
-        train_x, train_y, num_classes = data
+        train_x, train_y, num_classes, data_index = data
         n = len(train_y)
         if m > n // 4:
             raise ConfigError(
@@ -80,8 +94,39 @@ class Canaries:
             )
         pick = torch.topk(stream.uniform(n), m, largest=False).indices.sort().values
         shift = 1 + (stream.uniform(m) * (num_classes - 1)).long().clamp(max=num_classes - 2)
+        return cls.restore(
+            {"kind": kind, "member": member, "source_index": pick, "shift": shift},
+            data=(train_x, train_y, num_classes, data_index),
+        )
+
+    @classmethod
+    def restore(cls, state: dict, *, data=None) -> Canaries:
+        """The canary set a checkpoint holds (``set_state``), with the input canaries'
+        images re-read from ``data`` (as in ``create``)."""
+        kind, member = state["kind"], torch.as_tensor(state["member"]).bool()
+        if kind == "gradient":
+            return cls(kind, member)
+        train_x, train_y, num_classes, data_index = data
+        pick = torch.as_tensor(state["source_index"]).long()
+        shift = torch.as_tensor(state["shift"]).long()
         wrong = (train_y[pick].cpu() + shift) % num_classes  # never the true class
-        return cls(kind, member, x=train_x[pick].cpu(), y=wrong, source_index=pick)
+        return cls(
+            kind,
+            member,
+            x=train_x[pick].cpu(),
+            y=wrong,
+            source_index=pick,
+            shift=shift,
+            data_index=torch.as_tensor(data_index)[pick],
+        )
+
+    def set_state(self) -> dict:
+        """What the canary set is (coins; for input canaries the picks and label shifts):
+        no image, no label. A checkpoint holds it so that a resume keeps the coins."""
+        state = {"kind": self.kind, "member": self.member}
+        if self.kind == "input":
+            state.update(source_index=self.source_index, shift=self.shift)
+        return state
 
     # ------------------------------------------------------------------ during training
 
@@ -125,6 +170,7 @@ class Canaries:
 
     def state_dict(self) -> dict:
         return {
+            "set": self.set_state(),
             "draws": torch.stack(self.draws) if self.draws else None,
             "obs": torch.stack(self.obs).cpu() if self.obs else None,
         }
@@ -147,10 +193,9 @@ class Canaries:
                 if self.obs
                 else np.zeros((0, self.m), np.float32)
             )
-        else:
-            arrays["x"] = self.x.numpy()
-            arrays["y"] = self.y.numpy()
-            arrays["source_index"] = self.source_index.numpy()
+        else:  # no image and no label of a private example: indices and shifts only
+            arrays["data_index"] = self.data_index.numpy()
+            arrays["shift"] = self.shift.numpy()
         for k, v in meta.items():
             arrays[k] = np.array(v)
         tmp = path.with_suffix(".tmp.npz")

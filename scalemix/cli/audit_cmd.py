@@ -70,28 +70,45 @@ def audit(
 
 
 def _input_scores(run_dir: Path, canaries: dict):
+    import numpy as np
     import torch
 
     from scalemix.audit import input_canary_scores
-    from scalemix.data import normalize
+    from scalemix.data import load_data, normalize
     from scalemix.errors import ConfigError
     from scalemix.models import create_model
     from scalemix.train import RunDir
 
-    cfg = (RunDir(run_dir).read_config() or {}).get("config")
+    saved = RunDir(run_dir).read_config() or {}
+    cfg = saved.get("config")
     state_path = Path(run_dir) / "model.pt"
     if cfg is None or not state_path.is_file():
         raise ConfigError(f"{run_dir}: input canaries are scored by model.pt, which is missing")
-    x = torch.from_numpy(canaries["x"])
-    model = create_model(
-        cfg["model"],
-        num_classes=int(canaries["num_classes"]),
-        in_channels=x.shape[1],
-        **{k: cfg[k] for k in ("norm", "groups", "scalenorm", "placement", "ws", "act")},
-    )
+    if "data_index" not in canaries:
+        raise ConfigError(
+            f"{run_dir}: its canary file predates index-only input canaries; re-run the audit "
+            "with this version"
+        )
+    # The run's files hold no canary image or label: re-read them from the data set.
+    try:
+        data = load_data(cfg["data"], cfg.get("data_dir"), size=cfg.get("image_size"))
+    except Exception as e:  # no data here: say what to do
+        raise ConfigError(
+            f"{run_dir}: input canaries are re-read from the {cfg['data']} data set, which "
+            f"could not be loaded ({e}); pass the run's data where its config.json says"
+        ) from None
+    index = torch.from_numpy(np.asarray(canaries["data_index"])).long()
+    shift = torch.from_numpy(np.asarray(canaries["shift"])).long()
+    num_classes = int(canaries["num_classes"])
+    x = data.train_x[index]
+    y = (data.train_y[index] + shift) % num_classes
+    axes = (saved.get("resolved") or {}).get("model_axes") or {
+        k: cfg[k] for k in ("norm", "groups", "scalenorm", "placement", "ws", "act")
+    }
+    model = create_model(cfg["model"], num_classes=num_classes, in_channels=x.shape[1], **axes)
     model.load_state_dict(torch.load(state_path, map_location="cpu", weights_only=False)["model"])
     xn = normalize(x, tuple(canaries["mean"]), tuple(canaries["std"]))
-    return input_canary_scores(model, xn, torch.from_numpy(canaries["y"]).long())
+    return input_canary_scores(model, xn, y)
 
 
 def _print(r: dict) -> None:

@@ -1,6 +1,7 @@
 """What epsilon covers in a run's outputs, and what it does not: one catalogue for all outputs.
 
-The attacker reads everything a run writes (DESIGN.md). epsilon bounds what the *noisy
+The attacker reads everything a run writes, and every other run of its grid
+(docs/sharp-edges.md, "What epsilon does not cover"). epsilon bounds what the *noisy
 updates* (and so the model, its test metrics and anything computed from them) reveal
 about one training example. Anything computed from private training data without noise
 is outside the guarantee; this module lists every such quantity, file by file, so that
@@ -35,8 +36,34 @@ NOT_COVERED: dict[str, dict[str, str]] = {
     },
     "wandb run": {
         "train/*": "the metrics.csv fields above",
-        "diag/* (source train)": "the diagnostics rows above",
+        "diag/train/* (source train)": "the diagnostics rows above",
         "result/train_seconds, result/images_per_second, result/status": "as in result.json",
+        "system metrics (CPU, GPU, memory, time)": "load and timing follow every |B_t|",
+    },
+    "printed output and train.log": {
+        "step and epoch lines, progress bar": "loss and images/s of private batches, timings",
+        "the grid's train.log of each cell": "the same lines, kept beside the cell",
+    },
+    "checkpoint.pt": {
+        "images_seen": "the sum of every realised batch size |B_t|",
+        "train_seconds": "total step time",
+        "audit": "the canaries' draws (which steps drew each canary)",
+    },
+    "released.json and divergence.json": {
+        "steps_released, stream_draws": "how far the run got; a divergence depends on private "
+        "batches",
+    },
+    "audit/canaries.npz": {
+        "data_index, shift, member, draws": "which training examples were input canaries, "
+        "their label shifts and coins, and the steps that drew them (functions of the secret "
+        "canary and sampler streams; no image or label is stored)",
+    },
+    "ranks/<r>/": {
+        "metrics.csv, epochs.csv, diagnostics.csv": "rank r's own shard, as above",
+    },
+    "config.json / privacy.json": {
+        "train_size, private_examples": "the number of private examples N (the data set's "
+        "size is treated as public, as DP-SGD's add/remove accounting does)",
     },
 }
 
@@ -63,6 +90,8 @@ def statement(
     public_examples: int,
     public_source: str | None,
     abandoned_steps: int = 0,
+    noise_tail_delta: float | None = None,
+    canaries: str | None = None,
 ) -> dict:
     """The content of ``privacy.json``: what epsilon covers, assumes and leaves out."""
     out = {
@@ -77,7 +106,21 @@ def statement(
         "covered": COVERED if private else None,
         "not_covered": NOT_COVERED,
         "abandoned_steps_counted": abandoned_steps,
+        "grid": (
+            "a run of an ablation grid shares its batches, augmentations and canaries with "
+            "the grid's other runs of the same seed (seeded modes): what the grid publishes "
+            "together is covered by the grid's joint epsilon ('scalemix status' and the "
+            "report), not by this run's"
+        ),
     }
+    if noise_tail_delta is not None:
+        out["noise_tail_delta"] = noise_tail_delta
+        out["noise_tail_note"] = (
+            "Box-Muller from 96-bit uniforms cuts the noise's tails at 11.5 sigma; this adds "
+            "at most noise_tail_delta to delta (included in no other figure)"
+        )
+    if canaries:
+        out["canaries"] = canaries
     if public_examples:
         out["public_note"] = (
             f"{public_examples} examples ({public_source}) are used without privacy for the "

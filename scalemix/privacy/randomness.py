@@ -1,44 +1,54 @@
 """The randomness model: one place that owns every random stream of a run.
 
 DP-SGD's epsilon holds only if the randomness its proof relies on -- which examples each
-Poisson batch drew, and the Gaussian noise -- is secret from the attacker, who reads
-everything a run writes (DESIGN.md, "Whom epsilon must hold against"). So a run has four
-independent streams, and only two of them are secret:
+Poisson batch drew, how each was augmented, and the Gaussian noise -- is secret from the
+attacker, who reads everything a run writes, and everything every other run of its grid
+writes (docs/sharp-edges.md, "The randomness model" and "Randomness across runs"):
 
-=========  ===========================================  ===========================
+=========  ===========================================  ================================
 stream     what it drives                               source
-=========  ===========================================  ===========================
+=========  ===========================================  ================================
 init       model initialisation                         torch, the public ``--seed``
-aug        augmentation crops and flips                 torch, the public ``--seed``
-sampler    Poisson batch selection (secret)             ChaCha20 under the run key
-noise      the Gaussian noise of every step (secret)    ChaCha20 under the run key
-=========  ===========================================  ===========================
+aug        crops and flips, per (step, example index)   ChaCha20 under the run key
+sampler    Poisson batch selection                      ChaCha20 under the run key
+canary     audit canaries: coins, picks, label shifts   ChaCha20 under the run key
+noise      the Gaussian noise of every step             ChaCha20 under the noise key
+=========  ===========================================  ================================
 
-The *run key* is 256 bits. Each secret stream is a ChaCha20 keystream (a cryptographic
-generator) under its own subkey ``HMAC-SHA256(run key, stream name)``, so neither secret
-stream predicts the other, and each draw (one step) uses its own nonce, so a stream's
-state is a draw counter that a checkpoint can hold without holding the key.
+Keys are 256 bits. Each secret stream is a ChaCha20 keystream (a cryptographic generator)
+under its own subkey ``HMAC-SHA256(key, stream name)``, so no stream predicts another;
+each draw (one step) uses its own nonce, so a stream's state is a draw counter that a
+checkpoint can hold without holding the key. Augmentation takes its nonce from (step,
+example index), so an example's views never depend on which other examples were drawn.
 
-Where the run key comes from is the *noise mode*:
+Where the keys come from is the *noise mode*:
 
 - ``secure`` (the default of ``scalemix train``): 32 bytes from the operating system's
-  CSPRNG (``os.urandom``), held in memory only and never written anywhere. Not
-  reproducible; a resumed run draws a fresh key.
+  CSPRNG (``os.urandom``), held in memory only and never written anywhere; the noise key
+  is the run key. Not reproducible; a resumed run draws a fresh key.
 - ``public`` (non-private runs only): ``SHA-256("scalemix/public/v1/<seed>")``; nothing
   is protected, so batches are reproducible from ``--seed`` alone.
-- ``seeded`` (research reproducibility; the default inside ablation grids, where the same
-  batches and noise across cells are common random numbers that sharpen paired
-  comparisons): ``HMAC-SHA256(seed key, "scalemix/seeded/v1/<seed>")``. The *seed key* is
-  a 256-bit secret kept in a file outside every run directory (``$SCALEMIX_SEED_KEY``, or
-  ``~/.config/scalemix/seed-key``, created on first use with mode 0600). Runs record only
-  its fingerprint (``seed_key_id``). The published ``--seed`` alone determines nothing
-  secret; epsilon then assumes that the seed key stays secret, and every output that
-  shows epsilon says so.
+- ``seeded`` (research reproducibility; the default inside ablation grids): the run key
+  is ``HMAC-SHA256(seed key, "scalemix/seeded/v1/<seed>")``, shared by every run of one
+  seed (the same batches, augmentations and canaries: common random numbers for paired
+  comparisons), and the noise key is ``HMAC-SHA256(seed key,
+  "scalemix/seeded/v2/noise/<seed>/<identity>")`` with the run's identity (a hash of its
+  configuration), so two different runs never share a noise draw: two releases with one
+  noise draw would cancel it. The grid's joint epsilon (``privacy/grid.py``) accounts for
+  the shared batches. The *seed key* is a 256-bit secret kept in a file outside every run
+  directory (``$SCALEMIX_SEED_KEY``, or ``~/.config/scalemix/seed-key``, created on first
+  use with mode 0600, refused when others can read it); runs record only its fingerprint
+  (``seed_key_id``). epsilon then assumes that the seed key stays secret, and every output
+  that shows epsilon says so.
+- ``seeded-shared``: as ``seeded``, but the runs of one seed share their noise too
+  (maximal common random numbers). Each run alone is (epsilon, delta)-DP; any two runs of
+  one seed together are not DP, and every output says so.
 
-Gaussian noise is made from the keystream by the Box--Muller transform (53-bit uniforms
+Gaussian noise is made from the keystream by the Box--Muller transform (96-bit uniforms
 for the radius, 32-bit for the angle, in float64 on the run's device), pair by pair, so
-that the first k normals of a draw do not depend on how many follow. Floating-point
-side channels (Mironov 2012) are not mitigated.
+that the first k normals of a draw do not depend on how many follow. The radius stops at
+``RADIUS_MAX`` = 11.5; ``tail_delta`` bounds the delta that adds. Floating-point side
+channels (Mironov 2012) are not mitigated.
 """
 
 from __future__ import annotations
@@ -58,8 +68,24 @@ SECRET_STREAMS = ("sampler", "noise")
 KEY_BYTES = 32
 SEED_KEY_ENV = "SCALEMIX_SEED_KEY"
 _SEEDED_CONTEXT = b"scalemix/seeded/v1/"
+_NOISE_CONTEXT = b"scalemix/seeded/v2/noise/"
 NORMAL_BLOCK = 2**15  # Box--Muller pairs computed at once (256 KB of float32 noise)
+PAIR_BYTES = 16  # keystream bytes per Box--Muller pair: 96-bit radius, 32-bit angle
+RADIUS_MAX = math.sqrt(2 * 96 * math.log(2))  # the largest radius a 96-bit uniform gives
 _MASK53 = (1 << 53) - 1
+
+
+def tail_delta(epsilon: float, steps: int, normals_per_step: int) -> float:
+    """The delta that the noise's truncated tails add, at most.
+
+    Box--Muller from a 96-bit uniform never gives a radius above ``RADIUS_MAX``: a pair of
+    normals differs from an exact Gaussian pair only on an event of probability 2^-96. Over
+    all pairs of all steps the released noise is within total variation
+    ``tv = steps * pairs * 2^-96`` of exact Gaussian noise, so an (epsilon, delta) bound
+    for exact noise gives (epsilon, delta + (1 + e^epsilon) tv) for the noise we draw."""
+    pairs = (normals_per_step + 1) // 2
+    tv = steps * pairs * 2.0**-96
+    return min(1.0, (1.0 + math.exp(min(epsilon, 700.0))) * tv)
 
 
 # --------------------------------------------------------------------------- the seed key
@@ -74,20 +100,49 @@ def seed_key_path() -> Path:
     return base / "scalemix" / "seed-key"
 
 
-def load_seed_key(create: bool = True) -> bytes:
-    """Read the 256-bit seed key; create it (0600, race-free) when missing."""
+def load_seed_key(create: bool = True, *, run_dir: str | Path | None = None) -> bytes:
+    """Read the 256-bit seed key; create it when missing.
+
+    Creation is race-free: the key is written to a private temporary file and linked into
+    place, so a worker never reads a half-written key while another creates it. A key that
+    others may read, or one inside the run directory that a run publishes, is refused:
+    seeded epsilon holds only while the key stays secret (docs/sharp-edges.md, "The
+    randomness model")."""
     path = seed_key_path()
+    if run_dir is not None:
+        out, where = Path(run_dir).resolve(), path.resolve()
+        if where == out or out in where.parents:
+            raise ConfigError(
+                f"the seed key {path} lies inside the run directory {run_dir}, which a run "
+                f"publishes; keep it outside (point ${SEED_KEY_ENV} elsewhere)"
+            )
     if not path.exists():
         if not create:
             raise ConfigError(f"no seed key at {path}")
         path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:  # another worker of the same grid made it first
-            pass
-        else:
             with os.fdopen(fd, "w") as fh:
                 fh.write(os.urandom(KEY_BYTES).hex() + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            try:
+                os.link(tmp, path)  # atomic: appears whole, or not at all
+            except FileExistsError:  # another worker of the same grid made it first
+                pass
+        finally:
+            tmp.unlink(missing_ok=True)
+    try:
+        mode = path.stat().st_mode
+    except OSError as e:
+        raise ConfigError(f"cannot read the seed key {path} ({e})") from None
+    if mode & 0o077:
+        raise ConfigError(
+            f"the seed key {path} can be read by other users (mode {oct(mode & 0o777)}); "
+            f"run 'chmod 600 {path}' (anyone holding it can recompute seeded runs' batches "
+            "and noise)"
+        )
     try:
         key = bytes.fromhex(path.read_text().strip())
     except (OSError, ValueError) as e:
@@ -175,22 +230,24 @@ class SecretStream:
 
     @classmethod
     def _normal_pieces(cls, stream, half: int, n: int, device, dtype):
-        # 12 bytes per pair, pair by pair, so the first k normals of a draw do not depend
+        # 16 bytes per pair, pair by pair, so the first k normals of a draw do not depend
         # on how many follow (a run with an audit vector appended keeps the model's noise).
         math_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         for start in range(0, half, NORMAL_BLOCK):
             pairs = min(NORMAL_BLOCK, half - start)
-            # three little-endian 32-bit words a pair: the radius's 64 bits (low, high word)
-            # and the angle's 32; read as words, never as strided bytes
-            words = cls._to_tensor(stream.update(bytes(12 * pairs)), device).view(torch.int32)
-            words = words.view(pairs, 3)
-            low = words[:, 0].to(torch.int64) & 0xFFFFFFFF
-            high = words[:, 1].to(torch.int64) & 0xFFFFFFFF
-            # the top 53 of the radius's 64 bits
-            u1 = ((high << 21) | (low >> 11)).to(torch.float64).add_(1.0).mul_(2.0**-53)  # (0, 1]
-            a_bits = words[:, 2]
-            # The radius carries the tails: float64 log of a 53-bit uniform (to 8.6 sigma);
-            # the angle needs only the output precision.
+            # four little-endian 32-bit words a pair: the radius's 96 bits (low, high,
+            # extension) and the angle's 32; read as words, never as strided bytes
+            words = cls._to_tensor(stream.update(bytes(PAIR_BYTES * pairs)), device)
+            words = words.view(torch.int32).view(pairs, 4)
+            low, high, ext = (words[:, i].to(torch.int64) & 0xFFFFFFFF for i in range(3))
+            # u1 = (hi64 + (ext + 1) / 2^32) / 2^64 in (0, 1]: float64 keeps the small values
+            # exactly, so the radius reaches sqrt(2 ln 2^96) = 11.5 (see RADIUS_MAX)
+            u1 = (high.to(torch.float64) * 2.0**32).add_(low.to(torch.float64))
+            u1.add_(ext.to(torch.float64).add_(1.0).mul_(2.0**-32)).mul_(2.0**-64)
+            u1.clamp_(max=1.0)
+            a_bits = words[:, 3]
+            # The radius carries the tails: float64 log of the 96-bit uniform; the angle
+            # needs only the output precision.
             radius = u1.log_().mul_(-2.0).sqrt_().to(math_dtype)
             angle = a_bits.to(math_dtype).mul_(2.0 * math.pi / 2.0**32)  # [-pi, pi)
             z = torch.stack([radius * torch.cos(angle), radius * torch.sin(angle)], dim=1)
@@ -207,32 +264,60 @@ class SecretStream:
 
 
 class RunRandomness:
-    """Every random stream of one run, and the statement of what epsilon assumes."""
+    """Every random stream of one run, and the statement of what epsilon assumes.
 
-    def __init__(self, mode: str, seed: int, device: torch.device | str = "cpu", rank: int = 0):
+    ``identity`` names the run (a hash of its resolved configuration, without the output
+    directory): a seeded run's noise is keyed by it, so two different runs never share a
+    noise draw (docs/sharp-edges.md, "Randomness across runs")."""
+
+    def __init__(
+        self,
+        mode: str,
+        seed: int,
+        device: torch.device | str = "cpu",
+        rank: int = 0,
+        *,
+        identity: str = "",
+        run_dir: str | Path | None = None,
+    ):
         if mode not in (*NOISE_MODES, "public"):
             raise ConfigError(f"--noise {mode!r} is not one of: {', '.join(NOISE_MODES)}")
         self.mode, self.seed, self.device = mode, int(seed), torch.device(device)
+        self.identity = identity
         self.seed_key_id = None
         if mode == "secure":
-            run_key = os.urandom(KEY_BYTES)  # never written anywhere
+            run_key = noise_key = os.urandom(KEY_BYTES)  # never written anywhere
         elif mode == "public":  # non-private runs: nothing to hide, reproducible from --seed
             run_key = hashlib.sha256(b"scalemix/public/v1/" + str(self.seed).encode()).digest()
+            noise_key = run_key
         else:
-            seed_key = load_seed_key()
+            seed_key = load_seed_key(run_dir=run_dir)
             self.seed_key_id = key_id(seed_key)
+            # batches, augmentation and canaries: shared by every run of this seed (common
+            # random numbers); the grid's joint epsilon accounts for the shared batches
             run_key = hmac.new(
                 seed_key, _SEEDED_CONTEXT + str(self.seed).encode(), hashlib.sha256
             ).digest()
+            if mode == "seeded":  # the noise is this run's own
+                if not identity:
+                    raise ValueError("a seeded run needs its identity to key its noise")
+                noise_key = hmac.new(
+                    seed_key,
+                    _NOISE_CONTEXT + f"{self.seed}/{identity}".encode(),
+                    hashlib.sha256,
+                ).digest()
+            else:  # seeded-shared: the runs of one seed share their noise too
+                noise_key = run_key
+            del seed_key
         # data-parallel rank r > 0 (train/distributed.py): its own sampler and noise share,
         # independent of every other rank's; rank 0 is the single-process run
         suffix = f"/rank{rank}" if rank else ""
         self.sampler = SecretStream(run_key, "sampler" + suffix)
-        self.noise = SecretStream(run_key, "noise" + suffix)
+        self.noise = SecretStream(noise_key, "noise" + suffix)
         self.canary = SecretStream(run_key, "canary")  # audit canaries: coins, coordinates
-        del run_key
-        # Public streams: the model seed is published, and so may be everything it drives.
-        self.aug = torch.Generator(device=self.device).manual_seed(self.seed + 1)
+        # augmentation: keyed per (step, example), secret like the batches
+        self.aug = AugStream(run_key)
+        del run_key, noise_key
 
     def init_model_rng(self) -> None:
         """Seed torch's global generator for model initialisation (public)."""
@@ -244,7 +329,15 @@ class RunRandomness:
             return "public (non-private run: batches reproducible from --seed)"
         if self.mode == "secure":
             return "secure (sampling and noise from a 256-bit OS-entropy key, never written)"
-        return f"seeded (reproducible; sampling and noise keyed by seed key {self.seed_key_id})"
+        if self.mode == "seeded-shared":
+            return (
+                f"seeded-shared (reproducible; sampling and noise keyed by seed key "
+                f"{self.seed_key_id}; the runs of one seed SHARE their noise)"
+            )
+        return (
+            f"seeded (reproducible; sampling keyed by seed key {self.seed_key_id}, noise by "
+            "the seed key and this run's configuration)"
+        )
 
     @property
     def assumption(self) -> str:
@@ -253,39 +346,55 @@ class RunRandomness:
             return "non-private run: no epsilon"
         if self.mode == "secure":
             return (
-                "epsilon assumes only what DP-SGD's proof assumes: the batches and the noise "
-                "come from a 256-bit key drawn from the OS CSPRNG and never written"
+                "epsilon assumes only what DP-SGD's proof assumes: the batches, augmentations "
+                "and noise come from a 256-bit key drawn from the OS CSPRNG and never written"
             )
-        return (
+        text = (
             f"SEEDED RUN: epsilon holds only while the seed key (id {self.seed_key_id}, "
             f"kept outside the run directory in ${SEED_KEY_ENV} or "
             "~/.config/scalemix/seed-key) stays secret; anyone holding it can recompute the "
-            "batches and the noise"
+            "batches, augmentations and noise. Runs of one seed share their batches: "
+            "together they are covered by their grid's joint epsilon, not by this one"
         )
+        if self.mode == "seeded-shared":
+            text += (
+                ". The runs of one seed also share their NOISE (--noise seeded-shared): each "
+                "run alone is (epsilon, delta)-DP, but two of them together are not DP at all"
+            )
+        return text
 
     def describe(self) -> dict:
+        secret = "secret run key" if self.mode == "secure" else "secret seed key and --seed"
         return {
             "mode": self.mode,
             "label": self.label,
             "seed_key_id": self.seed_key_id,
             "epsilon_assumes": self.assumption,
+            "run_identity": self.identity or None,
             "streams": {
                 "init": "torch global generator, public --seed",
-                "aug": "torch generator on the device, public --seed + 1",
-                "sampler": "ChaCha20 keystream, secret run key",
-                "noise": "ChaCha20 keystream, secret run key",
+                "aug": f"ChaCha20 keystream per (step, example index), {secret}",
+                "sampler": f"ChaCha20 keystream, {secret}",
+                "canary": f"ChaCha20 keystream, {secret}",
+                "noise": "ChaCha20 keystream, "
+                + {
+                    "secure": "secret run key",
+                    "seeded": "secret seed key, --seed and this run's configuration",
+                    "seeded-shared": "secret seed key and --seed (shared by the runs of a seed)",
+                    "public": "public --seed",
+                }[self.mode],
             },
         }
 
     def state_dict(self) -> dict:
-        """Checkpoint state: draw counters and the public augmentation state, never a key."""
+        """Checkpoint state: draw counters, never a key (augmentation is keyed per step
+        and example, so it has no state)."""
         return {
             "mode": self.mode,
             "seed_key_id": self.seed_key_id,
             "sampler": self.sampler.state_dict(),
             "noise": self.noise.state_dict(),
             "canary": self.canary.state_dict(),
-            "aug": self.aug.get_state(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -293,7 +402,7 @@ class RunRandomness:
             raise ConfigError(
                 f"the checkpoint was written in --noise {state.get('mode')} mode, not {self.mode}"
             )
-        if self.mode in ("seeded", "public"):
+        if self.mode != "secure":
             if state.get("seed_key_id") != self.seed_key_id:
                 raise ConfigError(
                     f"this seeded run was started with seed key {state.get('seed_key_id')}, but "
@@ -302,6 +411,51 @@ class RunRandomness:
                 )
             self.sampler.load_state_dict(state["sampler"])
             self.noise.load_state_dict(state["noise"])
+            self.canary.load_state_dict(state["canary"])
         # secure: the key is new, so its streams start fresh; nothing is ever replayed.
-        aug = state["aug"]
-        self.aug.set_state(aug.cpu() if hasattr(aug, "cpu") else aug)
+
+
+# --------------------------------------------------------------------------- augmentation
+
+
+class AugStream:
+    """Secret augmentation randomness keyed per (step, example index).
+
+    Example i's K views at step t come from the ChaCha20 keystream under
+    ``HMAC-SHA256(key, "aug")`` with nonce (t, i): they do not depend on which other
+    examples the step drew, nor on their order, so adding or removing one example leaves
+    every other example's views unchanged and the clipped sum's sensitivity stays C
+    (docs/sharp-edges.md, item 3). Stateless: nothing to checkpoint, nothing replayed."""
+
+    WORD_BYTES = 12  # three 32-bit words a view: vertical shift, horizontal shift, flip
+
+    def __init__(self, key: bytes):
+        self._key = hmac.new(key, b"scalemix/stream/aug", hashlib.sha256).digest()
+
+    def words(self, step: int, index: torch.Tensor, k: int) -> torch.Tensor:
+        """(B, K, 3) uniform 32-bit words (as int64 in [0, 2^32)) for the examples ``index``
+        at ``step``."""
+        from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+        n = self.WORD_BYTES * k
+        zeros = bytes(n)
+        head = (0).to_bytes(4, "little") + int(step).to_bytes(4, "little")
+        raw = b"".join(
+            Cipher(algorithms.ChaCha20(self._key, head + int(i).to_bytes(8, "little")), mode=None)
+            .encryptor()
+            .update(zeros)
+            for i in index.tolist()
+        )
+        w = (
+            torch.frombuffer(bytearray(raw), dtype=torch.int32)
+            if raw
+            else torch.zeros(0, dtype=torch.int32)
+        )
+        return (w.to(torch.int64) & 0xFFFFFFFF).view(len(index), k, 3)
+
+    def views(self, step: int, index: torch.Tensor, k: int, pad: int):
+        """Crop offsets ``dy, dx`` in [0, 2 pad] and ``flip`` (bool), each (B * K,), for
+        the examples ``index`` at ``step``. Offsets are a 32-bit word modulo 2 pad + 1
+        (bias below 2^-28)."""
+        w = self.words(step, index, k).view(-1, 3)
+        return w[:, 0] % (2 * pad + 1), w[:, 1] % (2 * pad + 1), (w[:, 2] & 1).bool()

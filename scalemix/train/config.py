@@ -56,7 +56,7 @@ class TrainConfig:
     clip: float = 1.5  # per-example gradient norm bound C
     accountant: str = "prv"  # prv (default) | rdp
     sampler: str = "poisson"  # poisson (DP) | shuffle (non-private only)
-    noise: str = "secure"  # secure (OS CSPRNG key, never written) | seeded (secret seed key)
+    noise: str = "secure"  # secure (OS CSPRNG key, never written) | seeded (secret seed key; noise per run) | seeded-shared
     audit_canaries: int = 0  # M canaries for a one-run privacy audit (0: none); see scalemix.audit
     canary_kind: str = "gradient"  # gradient (white box, Dirac) | input (black box, mislabelled)
     engine: str = "scalemix"  # per-example engine: scalemix (fast, ghost norms) | vmap (reference)
@@ -76,7 +76,7 @@ class TrainConfig:
     diag_source: str = "train"  # train (the step's own batch: NOT covered by DP) | probe (held-out)
     diag_probe_size: int = 256  # probe: examples of the test split read at each logging step
     # --- run
-    seed: int = 0  # public: model init and augmentation; (seeded mode) keys sampler and noise
+    seed: int = 0  # public: model init; (seeded modes) with the secret seed key, keys batches, augmentation and noise
     device: str = "auto"  # auto | cpu | cuda
     out: str = "runs/train"
     checkpoint_every: int = 50  # steps between checkpoints (and at every epoch end)
@@ -87,6 +87,25 @@ class TrainConfig:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    # fields that change no number a run releases: they are not part of its identity
+    _NOT_IDENTITY = ("out", "threads", "checkpoint_every")
+
+    def identity(self) -> str:
+        """A name for what this run computes: a hash of every field except where it is
+        written and how fast. A seeded run's noise is keyed by it, so two different runs
+        never share a noise draw, while re-running a configuration into another directory
+        reproduces it bit for bit (docs/sharp-edges.md, "Randomness across runs")."""
+        import hashlib
+        import json
+
+        d = {k: v for k, v in self.as_dict().items() if k not in self._NOT_IDENTITY}
+        if self.canary_kind == "gradient":
+            # gradient canaries live on an audit vector beside the model: the model's
+            # updates are those of the same run without them, so it is the same release
+            d.pop("audit_canaries"), d.pop("canary_kind")
+        blob = json.dumps(d, sort_keys=True, separators=(",", ":"), default=str)
+        return hashlib.sha256(b"scalemix/run-identity/v1/" + blob.encode()).hexdigest()[:32]
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:

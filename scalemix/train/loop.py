@@ -48,6 +48,7 @@ from scalemix.privacy import (
 from scalemix.privacy.disclosure import CAVEAT as PRIVATE_CAVEAT
 from scalemix.privacy.disclosure import NOT_COVERED, statement
 from scalemix.privacy.mechanism import noisy_mean
+from scalemix.privacy.randomness import tail_delta
 from scalemix.runtime import keep_cpu_memory
 from scalemix.train.config import TrainConfig
 from scalemix.train.distributed import World
@@ -82,6 +83,7 @@ EPOCH_COLUMNS = [
     "train_seconds",
 ]
 PUBLIC_SPLIT_SEED = 1234  # the public hold-out is a property of the data, not of the run
+AUG_PAD = 4  # reflect-pad crops shift by up to 4 px (De et al. 2022)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -143,8 +145,15 @@ class Trainer:
         self.private = not cfg.non_private
         # Every random stream of the run, and who may know it: privacy/randomness.py.
         self.rng = RunRandomness(
-            cfg.noise if self.private else "public", cfg.seed, self.device, rank=self.world.rank
+            cfg.noise if self.private else "public",
+            cfg.seed,
+            self.device,
+            rank=self.world.rank,
+            identity=cfg.identity(),
+            run_dir=cfg.out,
         )
+        # a resumed run's checkpoint, read before anything it decides (the canary set)
+        self._resume_state = self._read_checkpoint() if resume else None
 
         # ---- data (uint8 on the device; normalised per chunk)
         data = data or load_data(cfg.data, cfg.data_dir, download=cfg.download, size=cfg.image_size)
@@ -152,6 +161,7 @@ class Trainer:
         self.num_classes = data.num_classes
         self.mean, self.std = data.mean, data.std
         train_x, train_y = data.train_x, data.train_y
+        data_index = torch.arange(len(train_y))  # each private example's index in the data set
         self.public_x = None
         self.public_source = None
         if cfg.public_size:
@@ -165,7 +175,7 @@ class Trainer:
                 )
                 pub, priv = perm[: cfg.public_size], perm[cfg.public_size :].sort().values
                 public_u8 = train_x[pub]
-                train_x, train_y = train_x[priv], train_y[priv]
+                train_x, train_y, data_index = train_x[priv], train_y[priv], data_index[priv]
                 self.public_source = (
                     f"{cfg.public_size} examples of the {data.name} training split "
                     f"(fixed split, seed {PUBLIC_SPLIT_SEED}): NOT protected"
@@ -182,11 +192,8 @@ class Trainer:
         if cfg.audit_canaries and cfg.canary_kind == "input":
             # Canary examples leave the training data; the included ones come back,
             # mislabelled, as examples like any other (appended after the real ones).
-            self.canaries = Canaries.create(
-                "input",
-                cfg.audit_canaries,
-                self.rng.canary,
-                data=(train_x, train_y, data.num_classes),
+            self.canaries = self._canaries(
+                "input", data=(train_x, train_y, data.num_classes, data_index)
             )
             keep = torch.ones(len(train_y), dtype=torch.bool)
             keep[self.canaries.source_index] = False
@@ -233,7 +240,6 @@ class Trainer:
         else:
             self.sampler = ShuffleSampler(self.n, cfg.batch_size, cfg.seed)
         self.noise = NoiseSource(self.rng.noise)
-        self.aug_gen = self.rng.aug
 
         # ---- model, engine, optimiser
         self.rng.init_model_rng()
@@ -250,7 +256,7 @@ class Trainer:
             else NonPrivateEngine(self.model)
         )
         if cfg.audit_canaries and cfg.canary_kind == "gradient":
-            self.canaries = Canaries.create("gradient", cfg.audit_canaries, self.rng.canary)
+            self.canaries = self._canaries("gradient")
         self.optimizer = make_optimizer(
             cfg.optimizer, self.engine.params, cfg.lr, cfg.momentum, cfg.weight_decay
         )
@@ -278,12 +284,13 @@ class Trainer:
 
         self._committed_rng = self._rng_state()
         self.resumed_from = None
-        self.abandoned_steps = 0  # steps of diverged attempts: released, so in the ledger
-        if resume and self.main_dir.checkpoint.exists():
-            self._load_checkpoint()
+        self.abandoned_steps = 0  # steps released by earlier attempts beyond their checkpoint
+        if self._resume_state is not None:
+            self._load_checkpoint(self._resume_state)
+            self._resume_state = None
         self.world.agree(self.step, "the step to resume from", self.device)
-        if resume and self.run_dir.divergence.exists():
-            self._count_diverged_attempt()
+        if resume:
+            self._count_released_beyond_checkpoint()
         if resume:
             self.run_dir.result.unlink(missing_ok=True)  # a stale failed/diverged result
         self.run_dir.root.mkdir(parents=True, exist_ok=True)
@@ -365,31 +372,108 @@ class Trainer:
                 public_examples=self.cfg.public_size,
                 public_source=self.public_source,
                 abandoned_steps=self.abandoned_steps,
+                noise_tail_delta=self._noise_tail_delta(),
+                canaries=self._canary_note(),
             ),
         )
 
-    def _count_diverged_attempt(self) -> None:
-        """Resume after a divergence: the steps the diverged attempt committed after the
-        checkpoint were released (metrics, diagnostics, W&B), so they are added to the ledger,
-        and the secret streams continue past everything that attempt drew (no replay)."""
-        div = read_json(self.run_dir.divergence) or {}
-        extra = int(div.get("steps_released", self.step)) - self.step
+    def _noise_tail_delta(self) -> float | None:
+        """The delta the noise's cut tails add over the planned (and abandoned) steps."""
+        if not self.private:
+            return None
+        steps = max(self.total_steps, self.step) + self.abandoned_steps
+        d = self.num_params + self.cfg.audit_canaries
+        eps = self.epsilon() or 0.0
+        if self.cfg.sigma is None and self.cfg.epsilon is not None:  # the calibrated target
+            eps = max(eps, self.cfg.epsilon)
+        return tail_delta(eps, steps, d)
+
+    def _canary_note(self) -> str | None:
+        if self.canaries is None:
+            return None
+        if self.canaries.kind == "gradient":
+            return (
+                f"{self.canaries.m} gradient canaries on an audit vector beside the model (no "
+                "training example involved); audit/canaries.npz holds their coins, draws and "
+                "noisy observations"
+            )
+        return (
+            f"{self.canaries.m} training examples were input canaries: taken out of the "
+            "training data, the included half put back with a random wrong label; "
+            "audit/canaries.npz holds their indices, label shifts, coins and draws (no image "
+            "or label); epsilon covers the training data as modified"
+        )
+
+    def _count_released_beyond_checkpoint(self) -> None:
+        """Resume after a divergence, a crash, an OOM or a kill: the steps the earlier
+        attempt committed after its last checkpoint were released (metrics, diagnostics,
+        W&B, the grid's log), so they are added to the ledger, and the secret streams go
+        on past everything that attempt drew: nothing released is redone with other noise
+        uncounted, and no draw is reused (docs/sharp-edges.md, item 7).
+
+        A seeded run on the CPU after a crash is the exception: it redoes those steps with
+        the same batches and noise, bit for bit (the same release again, nothing new), so
+        it replays them instead. Diverged runs always go on past their draws."""
+        rd = self.run_dir
+        diverged = rd.divergence.exists()
+        record = read_json(rd.divergence if diverged else rd.released) or {}
+        extra = int(record.get("steps_released", self.step)) - self.step
+        if extra <= 0 and not diverged:
+            return
+        replay = (
+            not diverged
+            and self.rng.mode in ("seeded", "seeded-shared", "public")
+            and self.device.type == "cpu"
+        )
+        if replay:
+            self.log(
+                f"resuming from step {self.step}: the {extra} step(s) released after the last "
+                "checkpoint are redone with the same batches and noise (seeded run, CPU: the "
+                "same updates again)"
+            )
+            return
         if extra > 0 and self.private:
             self.ledger.step(self.sigma, self.q, count=extra)
             self.abandoned_steps += extra
-        draws = div.get("stream_draws") or {}
+        draws = record.get("stream_draws") or {}
         for name, stream in (("sampler", self.rng.sampler), ("noise", self.rng.noise)):
             stream.draws = max(stream.draws, int(draws.get(name, 0)))
         self._committed_rng = self._rng_state()
+        what = "diverged run" if diverged else "run that stopped after its last checkpoint"
         self.log(
-            f"resuming a diverged run from step {self.step}: {max(extra, 0)} released step(s) of "
-            "the diverged attempt are added to epsilon; its random draws are not reused"
+            f"resuming a {what} from step {self.step}: {max(extra, 0)} released step(s) of "
+            "the earlier attempt are added to epsilon; its random draws are not reused"
         )
-        self.run_dir.root.mkdir(parents=True, exist_ok=True)
+        rd.root.mkdir(parents=True, exist_ok=True)
         self.save_checkpoint()  # the counted steps are durable before anything else happens
-        self.run_dir.divergence.rename(
-            self.run_dir.root / f"divergence-at-step-{div.get('diverged_at_step', 'unknown')}.json"
-        )
+        self._record_released()
+        if diverged:
+            rd.divergence.rename(
+                rd.root / f"divergence-at-step-{record.get('diverged_at_step', 'unknown')}.json"
+            )
+
+    def _released_record(self) -> dict:
+        """What this run has released so far: every committed step (its update reaches
+        W&B, the logs and the diagnostics as soon as it commits) and the draws it took."""
+        return {
+            "steps_released": self.step,
+            "abandoned_steps": self.abandoned_steps,
+            "stream_draws": {"sampler": self.rng.sampler.draws, "noise": self.rng.noise.draws},
+        }
+
+    def _record_released(self) -> None:
+        """Written in every step's commit block, before anything of the step leaves the
+        process: a kill at any later moment leaves a record a resume counts. Atomic
+        (rename), not fsynced: it must survive the process, not the machine."""
+        write_json_atomic(self.run_dir.released, self._released_record(), fsync=False)
+
+    def _canaries(self, kind: str, *, data=None) -> Canaries:
+        """The run's canary set: a resumed run keeps the one its checkpoint holds (the coins
+        its observations were made with), whatever its streams' keys are now."""
+        saved = (self._resume_state or {}).get("audit") or {}
+        if saved.get("set") is not None:
+            return Canaries.restore(saved["set"], data=data)
+        return Canaries.create(kind, self.cfg.audit_canaries, self.rng.canary, data=data)
 
     def resolved_config(self) -> dict:
         return {
@@ -419,11 +503,18 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
 
-    def _chunks(self, idx: torch.Tensor):
+    def _chunks(self, idx: torch.Tensor, idx_cpu: torch.Tensor):
+        """The step's physical chunks: normalised, with K views each. Each example's views
+        come from the secret augmentation stream keyed by (step, example index)."""
         cfg = self.cfg
-        for chunk in idx.split(cfg.physical_batch):
+        for chunk, chunk_cpu in zip(
+            idx.split(cfg.physical_batch), idx_cpu.split(cfg.physical_batch)
+        ):
             x = normalize(self.train_x[chunk], self.mean, self.std)
-            yield augment(x, cfg.aug_mult, self.aug_gen, cfg.aug), self.train_y[chunk]
+            views = None
+            if cfg.aug != "none":
+                views = self.rng.aug.views(self.step + 1, chunk_cpu, cfg.aug_mult, AUG_PAD)
+            yield augment(x, cfg.aug_mult, None, cfg.aug, AUG_PAD, views=views), self.train_y[chunk]
 
     def train_step(self) -> dict:
         """One DP step. Everything private is computed first; then, in one block that no
@@ -437,7 +528,7 @@ class Trainer:
         canaries_in = None
         if self.canaries is not None:
             idx, canaries_in = self.canaries.split(idx, self.n)
-        idx = idx.to(dev)
+        idx_cpu, idx = idx, idx.to(dev)
         self.model.train()
         if self.public_x is not None:
             refresh_public_stats(self.model, self.public_x)
@@ -447,7 +538,7 @@ class Trainer:
         norms = []
         diag = self.diag
         diag.begin_step(self.step + 1)
-        for i, (x, y) in enumerate(self._chunks(idx)):
+        for i, (x, y) in enumerate(self._chunks(idx, idx_cpu)):
             with diag.chunk_context(i), self._autocast():
                 r = self.engine(x, y)
             diag.after_chunk(i, x, r)
@@ -516,6 +607,7 @@ class Trainer:
             if self.canaries is not None:
                 self.canaries.record(observed)
             self._committed_rng = self._rng_state()
+            self._record_released()  # before any of the step leaves the process
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
@@ -606,12 +698,17 @@ class Trainer:
                 return
         save_atomic(state, self.run_dir.checkpoint)
 
-    def _load_checkpoint(self) -> None:
+    def _read_checkpoint(self) -> dict | None:
         path = self.main_dir.checkpoint
+        if not path.exists():
+            return None
         try:
-            state = torch.load(path, map_location=self.device, weights_only=False)
+            return torch.load(path, map_location=self.device, weights_only=False)
         except Exception as e:
             raise ConfigError(f"cannot read checkpoint {path}: {e}") from None
+
+    def _load_checkpoint(self, state: dict) -> None:
+        path = self.main_dir.checkpoint
         ranks = state.get("rng_ranks")
         if (len(ranks) if ranks else 1) != self.world.size:
             raise ConfigError(

@@ -5,6 +5,10 @@
     epochs.csv       one row per evaluation (end of each epoch)
     checkpoint.pt    the latest checkpoint (written to a temporary file, then renamed)
     result.json      written once, at the end, with the final status
+    released.json    what the run has released: committed steps and stream draws, written
+                     in every step's commit block (a resume after a crash counts it)
+    privacy.json     what epsilon covers and assumes, and what it does not cover
+    divergence.json  where a diverged attempt stopped and what it had released
     error.log        the traceback of an unexpected failure
 
 JSON and checkpoints are written atomically (temporary file + ``os.replace``), so a
@@ -33,14 +37,17 @@ def _clean(v):
     return v
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
+def write_json_atomic(path: Path, data: dict, *, fsync: bool = True) -> None:
+    """Write JSON so that a reader sees the old file or the new one, never a mix;
+    ``fsync=False`` where surviving the process (not the machine) is enough."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(fd, "w") as fh:
         json.dump(_clean(data), fh, indent=2, sort_keys=False)
         fh.write("\n")
         fh.flush()
-        os.fsync(fh.fileno())
+        if fsync:
+            os.fsync(fh.fileno())
     os.replace(tmp, path)
 
 
@@ -117,6 +124,7 @@ class RunDir:
         self.checkpoint = self.root / "checkpoint.pt"
         self.error_log = self.root / "error.log"
         self.divergence = self.root / "divergence.json"
+        self.released = self.root / "released.json"
         self.privacy = self.root / "privacy.json"
         self.metrics_path = self.root / "metrics.csv"
         self.epochs_path = self.root / "epochs.csv"
