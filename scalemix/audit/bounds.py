@@ -119,7 +119,12 @@ def fdp_rejects(mu: float, m: int, k: int, v: int, alpha: float) -> bool:
 
 
 def fdp_bound(m: int, k: int, v: int, *, alpha: float = 0.05, delta: float = 1e-5) -> float:
-    """The largest eps whose GDP curve through (eps, delta) v-of-k correct guesses reject."""
+    """The largest eps whose GDP curve through (eps, delta) v-of-k correct guesses reject.
+
+    delta must be positive: no Gaussian-DP curve passes through (eps, 0), so with delta = 0
+    every eps would be "rejected" and the bound would read EPS_MAX whatever the guesses."""
+    if not delta > 0:
+        raise ValueError(f"the f-DP bound needs delta > 0 (got {delta!r}): use the Steinke bound")
 
     def rejected(eps: float) -> bool:
         return fdp_rejects(gdp_mu(eps, delta), m, k, v, alpha)
@@ -203,6 +208,8 @@ def one_run_bounds(
 
     Returns each bound with the guess counts that gave it, the strategy and alpha.
     """
+    if not delta > 0:
+        raise ValueError(f"one-run bounds need delta > 0 (got {delta!r}); the f-DP bound has none")
     scores = np.asarray(scores, dtype=np.float64)
     member = np.asarray(member, dtype=bool)
     m = len(scores)

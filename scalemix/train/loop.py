@@ -496,6 +496,7 @@ class Trainer:
                 "randomness": self.rng.describe(),
                 "engine": self.engine.name,
                 "device": str(self.device),
+                "world_size": self.world.size,
                 "torch": torch.__version__,
                 "version": __version__,
             },
