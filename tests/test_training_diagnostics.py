@@ -139,10 +139,10 @@ def test_run_directory_table_figure_caveat_and_wandb_offline(tiny_cfg, digits8, 
     assert run["config"]["resolved"]["sigma"] == pytest.approx(result["sigma"])
     steps_logged = [h["_step"] for h in run["history"]]
     assert steps_logged == list(range(1, result["steps"] + 1))
-    with_diag = [h["_step"] for h in run["history"] if "diag/res1/log2_scale_ratio" in h]
+    with_diag = [h["_step"] for h in run["history"] if "diag/train/res1/log2_scale_ratio" in h]
     assert with_diag == logged
     last = run["history"][-1]
-    assert last["diag/res1/log2_scale_ratio"] == pytest.approx(
+    assert last["diag/train/res1/log2_scale_ratio"] == pytest.approx(
         table[(table.step == logged[-1]) & (table.block == "res1")]
         .set_index("metric")
         .value["log2_scale_ratio"],

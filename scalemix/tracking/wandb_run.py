@@ -104,7 +104,14 @@ class WandbRun:
             self.run.log(clean, step=step)
 
     def log_diagnostics(self, rows: list[dict], step: int) -> None:
-        self.log({f"diag/{r['block']}/{r['metric']}": r["value"] for r in rows}, step)
+        # the source stays in the key: train rows are NOT covered by epsilon, heldout ones are
+        self.log(
+            {
+                f"diag/{r.get('source', 'train')}/{r['block']}/{r['metric']}": r["value"]
+                for r in rows
+            },
+            step,
+        )
 
     def log_table(self, key: str, frame) -> None:
         wandb = _import_wandb()
