@@ -12,9 +12,10 @@ which launches exactly that) runs N ranks of one training run:
 * Noise, added exactly once in total, in shares: each rank adds N(0, σ²C²/N) to its own
   clipped sum *before* the one all-reduce; the reduced sum carries N(0, σ²C²) per
   coordinate. Shares (rather than one rank adding all of it) mean that no rank ever holds
-  the un-noised total: a compromised rank sees the others' clipped sums under noise of
-  variance σ²C²(N-1)/N (ε against a curious rank is that of σ·sqrt((N-1)/N); it is not
-  what the run reports, which holds against everyone who reads the run's outputs).
+  the un-noised total. They do not protect against a curious rank: a ring all-reduce
+  shows each rank partial sums, and a neighbour's single share carries noise of variance
+  σ²C²/N only. The reported ε holds against everyone who reads the run's outputs, not
+  against a rank (docs/sharp-edges.md, item 16).
 * Each rank's sampler and noise streams are derived from the run key under their own
   names (rank 0 keeps the single-process names, so one rank is the single-process run).
 * Rank 0 writes the run directory and the one checkpoint, which holds every rank's
