@@ -305,3 +305,58 @@ def audit_bench(
         f"without ({k['ratio']:.2f}x, whole run incl. the audit); test accuracy "
         f"{k['test_acc_with']:.4f} vs {k['test_acc_without']:.4f}"
     )
+
+
+@app.command("crn")
+def crn_bench(
+    seeds: int = typer.Option(8, help="Seeds per scheme (each trains two cells)."),
+    model: str = typer.Option("resnet9_tiny", help="Architecture (small: many runs)."),
+    image_size: int = typer.Option(8, help="Digits upsampling."),
+    epochs: float = typer.Option(2.0, help="Epochs per run."),
+    batch_size: int = typer.Option(128, help="Expected batch size."),
+    sigma: float = typer.Option(1.0, help="Noise multiplier."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
+) -> None:
+    """How much of a paired comparison's correlation each shared random stream buys
+    (init, batches and augmentation, noise): ScaleNorm on vs off, over seeds."""
+    from scalemix.bench.crn import run_crn_bench
+    from scalemix.errors import ConfigError
+
+    if seeds < 3:
+        raise ConfigError("--seeds must be >= 3 (a correlation needs three pairs)")
+
+    def progress(name, done, total):
+        if not as_json:
+            typer.echo(f"  {name}: seed {done}/{total}", err=True)
+
+    res = run_crn_bench(
+        seeds=seeds,
+        model=model,
+        image_size=image_size,
+        epochs=epochs,
+        batch_size=batch_size,
+        sigma=sigma,
+        progress=progress,
+    )
+    res["machine"] = f"{platform.machine()} {platform.processor() or ''}".strip()
+    if as_json:
+        typer.echo(json.dumps(res, default=float))
+        return
+    typer.echo(
+        f"{model}, digits {image_size} px, {epochs:g} epochs, B={batch_size}, sigma {sigma:g}, "
+        f"{seeds} seeds; pair: {res['pair']}"
+    )
+    typer.echo(
+        f"{'shared streams':<22}{'corr acc':>9}{'sd diff':>9}{'gain':>7}"
+        f"{'corr loss':>11}{'sd diff':>9}{'gain':>7}"
+    )
+    for r in res["rows"]:
+        a, lo = r["acc"], r["loss"]
+        typer.echo(
+            f"{r['scheme']:<22}{a['corr']:>9.2f}{100 * a['sd_diff']:>8.2f}p{a['seed_gain']:>7.1f}"
+            f"{lo['corr']:>11.2f}{lo['sd_diff']:>9.4f}{lo['seed_gain']:>7.1f}"
+        )
+    typer.echo(
+        "gain = (var a + var b) / var(a - b): how many times fewer seeds the pairing needs "
+        "than two independent samples"
+    )
