@@ -24,6 +24,7 @@ def test_digits_is_real_and_fixed():
     d = load_data("digits")
     assert d.train_x.dtype == torch.uint8 and tuple(d.train_x.shape[1:]) == (1, 16, 16)
     assert len(d.train_y) + len(d.test_y) == 1797
+    assert (len(d.train_y), len(d.test_y)) == (1438, 359)  # as README.md and the docstring say
     assert set(d.test_y.tolist()) == set(range(10))
     again = load_data("digits")
     assert torch.equal(d.test_x, again.test_x)
@@ -164,3 +165,27 @@ def test_crop_mode_translates_without_mirroring():
         for v in range(5):
             crops = [padded[i, :, dy : dy + 8, dx : dx + 8] for dy in range(5) for dx in range(5)]
             assert any(torch.equal(out[i, v], c) for c in crops)
+
+
+def test_cifar10_downsampled_by_area_per_image(tmp_path):
+    root = _write_fake_cifar(tmp_path)
+    full = load_data("cifar10", root)
+    small = load_data("cifar10", root, size=16)
+    assert tuple(small.train_x.shape[1:]) == (3, 16, 16) and small.train_x.dtype == torch.uint8
+    assert len(small.test_y) == len(full.test_y)
+    # each pixel is the rounded mean of a 2x2 block of the original
+    want = full.test_x.float().unfold(2, 2, 2).unfold(3, 2, 2).mean((-1, -2)).round()
+    assert torch.equal(small.test_x, want.to(torch.uint8))
+    with pytest.raises(DataError, match="4..32"):
+        load_data("cifar10", root, size=64)
+
+
+def test_missing_data_is_reported_before_anything_starts(tmp_path):
+    from scalemix.data.datasets import check_available
+
+    with pytest.raises(DataError, match="needs --data-dir"):
+        check_available("cifar10", None)
+    with pytest.raises(DataError, match="does not exist"):
+        check_available("cifar10", tmp_path / "nowhere")
+    check_available("digits", None)
+    check_available("cifar10", _write_fake_cifar(tmp_path))

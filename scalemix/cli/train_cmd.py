@@ -192,7 +192,7 @@ def train(
     wandb: bool = typer.Option(
         False,
         "--wandb",
-        help="Log config, metrics and diagnostics to W&B (offline to <out>/wandb without an API key).",
+        help="Log config, metrics and diagnostics to W&B (offline to OUT/wandb without an API key).",
         rich_help_panel=TRACK,
     ),
     wandb_project: WandbProject = "scalemix",
@@ -313,6 +313,9 @@ def train(
             )
         cfg = stored.replace(out=str(out), threads=cfg.threads)
     log = (lambda *a, **k: None) if quiet else (lambda msg: typer.echo(msg, err=True))
+    from scalemix.data.datasets import check_available
+
+    check_available(cfg.data, cfg.data_dir, cfg.download)  # errors before any header
     if not quiet:
         log(_describe(cfg))
     tracking = None
@@ -341,9 +344,8 @@ def train(
         return 130
     if rank > 0:
         return 0 if result["status"] == "done" else 1
-    typer.echo(json.dumps({k: result[k] for k in _SHOWN if k in result}))
-    if result.get("epsilon_assumes") and not quiet:
-        log(f"note: {result['epsilon_assumes']}")
+    # rounded for people; result.json has the full numbers
+    typer.echo(json.dumps({k: _round(result[k]) for k in _SHOWN if k in result}))
     if result["status"] != "done":
         typer.echo(
             f"run {result['status']}: {result.get('error')} (see {out}/result.json)", err=True
@@ -374,6 +376,15 @@ _SHOWN = (
     "images_per_second",
     "train_seconds",
 )
+
+
+def _round(v, digits: int = 4):
+    """A float to ``digits`` significant digits (the printed summary only)."""
+    if isinstance(v, float) and v == v and v not in (float("inf"), float("-inf")) and v != 0:
+        from math import floor, log10
+
+        return round(v, max(0, digits - 1 - floor(log10(abs(v)))))
+    return v
 
 
 def _layered(ctx: typer.Context, flags: dict, config: Path | None, sets: list[str], quiet: bool):

@@ -2,9 +2,9 @@
 
 - ``digits``: the embedded offline default. The 1,797 real handwritten digits (8x8, from
   UCI) that ship inside scikit-learn, upsampled to 16x16; a fixed stratified split of
-  1,437 train / 360 test. No download, runs anywhere.
+  1,438 train / 359 test (20 % of each class, rounded). No download, runs anywhere.
 - ``cifar10``: the standard python layout (``cifar-10-batches-py/``, what torchvision
-  reads), 50,000 train / 10,000 test.
+  reads), 50,000 train / 10,000 test; ``size`` below 32 area-downsamples every image.
 - ``imagenette``: class folders of JPEGs (``train/<wnid>/*.JPEG``, ``val/<wnid>/*.JPEG``,
   the fast.ai imagenette2 layout), resized (shorter side) and centre-cropped to ``size``.
 
@@ -140,17 +140,34 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
-def load_cifar10(data_dir: str | Path) -> ImageData:
+def _downsample(x: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 images (N, C, H, W) to ``size`` px by area averaging, image by image (no
+    statistic of the data set is read), in pieces to bound memory."""
+    out = []
+    for i in range(0, len(x), 5000):
+        f = x[i : i + 5000].float()
+        f = torch.nn.functional.interpolate(f, size=(size, size), mode="area")
+        out.append(f.round_().clamp_(0, 255).to(torch.uint8))
+    return torch.cat(out) if out else x
+
+
+def load_cifar10(data_dir: str | Path, size: int | None = None) -> ImageData:
+    """CIFAR-10 at 32 px, or area-downsampled to ``size`` px (e.g. 16 for CPU grids)."""
     d = find_cifar10_dir(data_dir)
     parts = [_read_cifar_batch(d / f"data_batch_{i}") for i in range(1, 6)]
     tx, ty = _read_cifar_batch(d / "test_batch")
     x = torch.from_numpy(np.concatenate([p[0] for p in parts]))
     y = torch.from_numpy(np.concatenate([p[1] for p in parts]))
+    tx = torch.from_numpy(tx)
+    if size is not None and size != x.shape[-1]:
+        if not 4 <= size <= x.shape[-1]:
+            raise DataError(f"--image-size {size} for CIFAR-10 must lie in 4..32")
+        x, tx = _downsample(x, size), _downsample(tx, size)
     return ImageData(
         "cifar10",
         x,
         y,
-        torch.from_numpy(tx),
+        tx,
         torch.from_numpy(ty),
         10,
         CIFAR10_MEAN,
@@ -267,5 +284,23 @@ def load_data(
 
         ensure_downloaded(name, data_dir)
     if name == "cifar10":
-        return load_cifar10(data_dir)
+        return load_cifar10(data_dir, size)
     return load_imagenette(data_dir, size or 160)
+
+
+def check_available(name: str, data_dir: str | Path | None, download: bool = False) -> None:
+    """Fail now, with load_data's message, if the data set cannot be found (before a
+    command says that it started)."""
+    if name == "digits":
+        return
+    if name not in DATASETS:
+        raise DataError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
+    if data_dir is None:
+        raise DataError(f"--data {name} needs --data-dir DIR (add --download to fetch it there)")
+    if name == "cifar10" and not download:
+        find_cifar10_dir(data_dir)
+    elif name == "imagenette" and not download and not Path(data_dir).expanduser().exists():
+        raise DataError(
+            f"data directory {str(data_dir)!r} does not exist; point --data-dir at ImageNette's "
+            "train/ and val/ folders or add --download"
+        )
