@@ -21,12 +21,17 @@ A grid file (``ablations/NAME.toml``)::
     [[exclude]]                 # drop every cell whose axes match all given labels
     groups = 8
 
-    [report]                    # how the report compares cells (issue 5)
+    [report]                    # the analysis plan, fixed by the grid's first 'ablate'
     primary = "groups"          # the many-valued axis (omnibus test, x axis of plots)
     paired = "scalenorm"        # compared on shared seeds at each primary value
     questions = ["scalenorm", "groups x scalenorm"]  # grid-model terms that are primary
+    metric = "raw"              # "raw": final weights' test accuracy; "ema": the EMA's
+    alpha = 0.05
+    correction = "holm"         # or "gatekeeping": the families in 'order', each gated
+    sesoi = 1.0                 # smallest effect of interest (accuracy points): equivalence
 
-    [presets.quick]             # overrides: base (merged), axes (replaced per axis), seeds
+    [presets.quick]             # overrides: base (merged), axes (replaced per axis), seeds,
+    description = "..."         # report (merged), and what the preset runs
     seeds = [0, 1]
     [presets.quick.base]
     data = "digits"
@@ -151,6 +156,7 @@ class Grid:
     report: dict = field(default_factory=dict)
     presets: list[str] = field(default_factory=list)
     sets: dict = field(default_factory=dict)
+    preset_description: str = ""  # what the preset runs (a preset may change the study)
 
     # ------------------------------------------------------------------ expansion
 
@@ -206,6 +212,7 @@ class Grid:
             "path": str(self.path),
             "description": self.description,
             "preset": self.preset,
+            "preset_description": self.preset_description,
             "base": {**self.base, **self.sets},  # what every cell shares (preset, --set applied)
             "axes": {k: list(v) for k, v in self.axes.items()},
             "seeds": self.seeds,
@@ -225,13 +232,48 @@ def _config(values: dict, where: str) -> TrainConfig:
         raise ConfigError(f"{where}: {e}") from None
 
 
+REPORT_KEYS = ("primary", "paired", "questions", "metric", "alpha", "correction", "order", "sesoi")
+METRICS = {
+    "raw": "test_acc",
+    "ema": "test_acc_ema",
+    "test_acc": "test_acc",
+    "test_acc_ema": "test_acc_ema",
+}
+FAMILIES = ("interaction", "main effects", "simple effects")
+REPORT_DEFAULTS = {
+    "metric": "raw",  # the final test accuracy of the raw weights; "ema": of the EMA weights
+    "alpha": 0.05,
+    "correction": "holm",  # one Holm over the primary tests; "gatekeeping": families in order
+    "order": list(FAMILIES),
+    "sesoi": None,  # the smallest effect of interest, in accuracy points (equivalence tests)
+}
+
+
+def normalise_report(rep: dict) -> dict:
+    """The [report] table with every analysis-plan key present (defaults filled in, the
+    metric named "raw" or "ema"): two tables that normalise equally are the same plan."""
+    out = {**REPORT_DEFAULTS, **{k: v for k, v in rep.items() if v is not None}}
+    out["metric"] = "ema" if METRICS.get(out["metric"], out["metric"]) == "test_acc_ema" else "raw"
+    out["questions"] = [
+        " x ".join(t.strip() for t in q.split(" x ")) for q in out.get("questions", [])
+    ]
+    out["order"] = list(out["order"])
+    out["alpha"] = float(out["alpha"])
+    if out["sesoi"] is not None:
+        out["sesoi"] = float(out["sesoi"])
+    return {k: out[k] for k in sorted(out)}
+
+
 def check_report(rep: dict, axes: dict, path) -> dict:
-    """Validate the grid's [report] table: its axes exist and every primary question names a term of the grid model ("a" or "a x b")."""
+    """Validate the grid's [report] table (its analysis plan): its axes exist, every
+    primary question names a term of the grid model ("a" or "a x b"), the metric, alpha,
+    correction, family order and smallest effect of interest are well-formed. Returns it
+    normalised (``normalise_report``)."""
     where = f"grid file {path}, [report]"
-    unknown = set(rep) - {"primary", "paired", "questions"}
+    unknown = set(rep) - set(REPORT_KEYS)
     if unknown:
         raise ConfigError(
-            f"{where}: unknown keys {', '.join(sorted(unknown))} (known: primary, paired, questions)"
+            f"{where}: unknown keys {', '.join(sorted(unknown))} (known: {', '.join(REPORT_KEYS)})"
         )
     for key in ("primary", "paired"):
         if key in rep and rep[key] not in axes:
@@ -249,8 +291,39 @@ def check_report(rep: dict, axes: dict, path) -> dict:
                 f"{where}: question {q!r} is not a grid-model term; name an axis "
                 f"({', '.join(axes)}) or an interaction written 'a x b'"
             )
-    rep["questions"] = [" x ".join(t.strip() for t in q.split(" x ")) for q in questions]
-    return rep
+    if "metric" in rep and rep["metric"] not in METRICS:
+        raise ConfigError(
+            f'{where}: metric = {rep["metric"]!r}; use "raw" (the final weights) or "ema" '
+            "(the EMA of the weights)"
+        )
+    alpha = rep.get("alpha", 0.05)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 0.5:
+        raise ConfigError(f"{where}: alpha = {alpha!r}; a number between 0 and 0.5, e.g. 0.05")
+    if rep.get("correction", "holm") not in ("holm", "gatekeeping"):
+        raise ConfigError(
+            f'{where}: correction = {rep["correction"]!r}; "holm" (one Holm over the primary '
+            "tests) or \"gatekeeping\" (families tested in 'order')"
+        )
+    order = rep.get("order", list(FAMILIES))
+    if (
+        not isinstance(order, list)
+        or not order
+        or any(f not in FAMILIES for f in order)
+        or len(set(order)) != len(order)
+    ):
+        raise ConfigError(
+            f"{where}: order = {order!r}; a list of distinct families from "
+            + ", ".join(repr(f) for f in FAMILIES)
+        )
+    sesoi = rep.get("sesoi")
+    if sesoi is not None and (
+        isinstance(sesoi, bool) or not isinstance(sesoi, (int, float)) or not 0 < sesoi < 100
+    ):
+        raise ConfigError(
+            f"{where}: sesoi = {sesoi!r}; the smallest effect of interest in accuracy points, "
+            "e.g. 1.0"
+        )
+    return normalise_report(rep)
 
 
 def resolved_dict(cfg: TrainConfig) -> dict:
@@ -293,6 +366,8 @@ def load_grid(name_or_path: str, preset: str | None = None, sets: dict | None = 
     # Seeded noise inside grids: the cells of one seed share batches and noise (common random
     # numbers for paired comparisons); its epsilon assumes the seed key stays secret.
     base = {"noise": "seeded", **raw.get("base", {})}
+    report = dict(raw.get("report", {}))
+    preset_description = ""
     axes = copy.deepcopy(raw.get("axes", {}))
     seeds = list(raw.get("seeds", [0]))
     if preset is not None:
@@ -302,7 +377,15 @@ def load_grid(name_or_path: str, preset: str | None = None, sets: dict | None = 
                 f"presets: {', '.join(presets) or 'none'}"
             )
         p = presets[preset]
+        unknown_p = set(p) - {"base", "axes", "seeds", "description", "report"}
+        if unknown_p:
+            raise ConfigError(
+                f"grid file {path}, [presets.{preset}]: unknown keys "
+                f"{', '.join(sorted(unknown_p))} (known: base, axes, seeds, description, report)"
+            )
         base.update(p.get("base", {}))
+        report = {**report, **p.get("report", {})}
+        preset_description = p.get("description", "")
         axes.update(copy.deepcopy(p.get("axes", {})))
         seeds = list(p.get("seeds", seeds))
     for axis, spec in axes.items():
@@ -340,7 +423,8 @@ def load_grid(name_or_path: str, preset: str | None = None, sets: dict | None = 
         seeds=seeds,
         include=list(raw.get("include", [])),
         exclude=list(raw.get("exclude", [])),
-        report=check_report(dict(raw.get("report", {})), axes, path),
+        report=check_report(report, axes, path),
+        preset_description=" ".join(str(preset_description).split()),
         presets=list(presets),
         sets=sets,
     )

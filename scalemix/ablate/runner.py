@@ -102,12 +102,15 @@ def ablate(
     cells_per_gpu: int = 1,
     log=print,
     max_rounds: int = 100,
+    replan: bool = False,
 ) -> dict:
-    """Run every unfinished cell of ``grid`` into ``out``; return the status counts."""
+    """Run every unfinished cell of ``grid`` into ``out``; return the status counts. The
+    first call fixes the grid's analysis plan ([report]); a later call with a different
+    one is refused once runs have results, unless ``replan`` (store.fix_analysis_plan)."""
     gd = GridDir(out)
     cells = grid.cells()
     preflight(grid, cells)
-    gd.write_plan(grid, cells)
+    gd.write_plan(grid, cells, replan=replan)
     gd.clear_stop()
     ids = [c.id for c in cells]
     labels = {c.id: c.label for c in cells}

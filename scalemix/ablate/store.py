@@ -1,6 +1,8 @@
 """A grid directory on disk: the plan, one run directory per cell, locks, statuses.
 
     DIR/grid.json               the expanded grid: name, preset, axes, the cells (id, axes, seed)
+    DIR/analysis-plan.json      the [report] table as fixed by the first 'ablate' (hash, time,
+                                runs with results by then) and every later change to it
     DIR/cells/<id>/manifest.json  the cell: grid, axes, seed, the full configuration
     DIR/cells/<id>/.lock        held (fcntl.flock) by the worker training the cell
     DIR/cells/<id>/attempts.jsonl one line per time a worker started the cell
@@ -27,6 +29,7 @@ from scalemix.errors import ConfigError
 from scalemix.train.rundir import read_json, write_json_atomic
 
 PLAN = "grid.json"
+ANALYSIS_PLAN = "analysis-plan.json"
 STATUSES = ("done", "failed", "diverged", "running", "pending")
 
 
@@ -72,12 +75,13 @@ class GridDir:
 
     # ------------------------------------------------------------------ the plan
 
-    def write_plan(self, grid, cells) -> None:
+    def write_plan(self, grid, cells, *, replan: bool = False) -> None:
         old = self.read_plan()
         if old is not None and old["grid"]["name"] != grid.name:
             raise ConfigError(
                 f"{self.root} holds grid {old['grid']['name']!r}, not {grid.name!r}; choose another --out"
             )
+        self.fix_analysis_plan(grid.report, replan=replan)
         for cell in cells:
             man = self.cell_dir(cell.id) / "manifest.json"
             if not man.exists():
@@ -103,6 +107,80 @@ class GridDir:
 
     def read_plan(self) -> dict | None:
         return read_json(self.root / PLAN)
+
+    # ------------------------------------------------------------------ the analysis plan
+
+    def analysis_plan(self) -> dict | None:
+        """The fixed analysis plan (analysis-plan.json), or None for a grid directory made
+        before plans were fixed."""
+        return read_json(self.root / ANALYSIS_PLAN)
+
+    def results_count(self) -> int:
+        """Cells whose run has finished with a result (done or diverged)."""
+        n = 0
+        for path in self.cells_root.glob("*/result.json") if self.cells_root.is_dir() else []:
+            if (read_json(path) or {}).get("status") in ("done", "diverged"):
+                n += 1
+        return n
+
+    def fix_analysis_plan(self, report: dict, *, replan: bool = False) -> dict:
+        """Fix the grid's analysis plan (its [report] table) the first time, with a hash,
+        the time and how many runs had results by then; afterwards refuse a different one
+        once any run has a result, unless ``replan``: then the change is recorded (the
+        report's title page shows it as made after results existed). A change before any
+        result is recorded too, and harmless."""
+        from scalemix.ablate.grid import normalise_report
+
+        new = normalise_report(report)
+        now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        results = self.results_count()
+        rec = self.analysis_plan()
+        if rec is None:
+            rec = {
+                "report": new,
+                "hash": plan_hash(new),
+                "fixed": now,
+                "results_when_fixed": results,
+                "changes": [],
+                "version": __version__,
+            }
+            prev = ((self.read_plan() or {}).get("grid") or {}).get("report")
+            if results and prev is not None and normalise_report(prev) != new:
+                rec["changes"].append(  # a grid from before plans were fixed
+                    {
+                        "time": now,
+                        "from": normalise_report(prev),
+                        "keys": _changed(normalise_report(prev), new),
+                        "results_when_changed": results,
+                        "note": "grid.json's [report] before this plan was fixed",
+                    }
+                )
+            write_json_atomic(self.root / ANALYSIS_PLAN, rec)
+            return rec
+        current = normalise_report(rec["report"])
+        if current == new:
+            return rec
+        keys = _changed(current, new)
+        if results and not replan:
+            raise ConfigError(
+                f"{self.root}: the analysis plan ([report]) was fixed on {rec['fixed']} (hash "
+                f"{rec['hash']}) and {results} run(s) have results; the grid's [report] now "
+                f"differs in {', '.join(keys)}. Restore it, use a new --out, or add --replan to "
+                "record the change (the report will show it as made after results existed)"
+            )
+        rec["changes"].append(
+            {
+                "time": now,
+                "from": current,
+                "from_hash": rec["hash"],
+                "to_hash": plan_hash(new),
+                "keys": keys,
+                "results_when_changed": results,
+            }
+        )
+        rec["report"], rec["hash"] = new, plan_hash(new)
+        write_json_atomic(self.root / ANALYSIS_PLAN, rec)
+        return rec
 
     def plan(self) -> dict:
         plan = self.read_plan()
@@ -215,6 +293,18 @@ class GridDir:
                 }
             )
         return rows
+
+
+def plan_hash(report: dict) -> str:
+    """SHA-256 (12 hex digits) of a normalised [report] table."""
+    import hashlib
+
+    blob = json.dumps(report, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _changed(a: dict, b: dict) -> list[str]:
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
 def _brief(res: dict) -> dict:

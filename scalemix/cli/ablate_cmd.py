@@ -38,6 +38,12 @@ def ablate(
     retry_failed: bool = typer.Option(
         False, "--retry-failed", help="Run failed cells again (done/diverged never re-run)."
     ),
+    replan: bool = typer.Option(
+        False,
+        "--replan",
+        help="Accept a [report] (analysis plan) that differs from the one the grid's first "
+        "run fixed, though runs have results; the report shows the change.",
+    ),
     no_report: bool = typer.Option(
         False, "--no-report", help="Do not build the report at the end."
     ),
@@ -146,6 +152,7 @@ def ablate(
                 slurm=slurm,
                 cells_per_gpu=cells_per_gpu,
                 log=log,
+                replan=replan,
             )
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the summary is not interrupted
@@ -170,7 +177,7 @@ def ablate(
         from scalemix.report import build_report
 
         try:
-            pdf = build_report(out, log=log, wandb=tracking)
+            build_report(out, log=log, wandb=tracking)  # it says "report: N pages -> PDF"
         except ConfigError:
             raise
         except Exception as e:  # the grid's runs are safe; say so and keep the traceback
@@ -184,7 +191,6 @@ def ablate(
                 f"traceback in {err}; retry with 'scalemix report {out}'"
             )
             return 1
-        log(f"report: {pdf}")
     return 0 if c["pending"] == 0 and c["running"] == 0 else 1
 
 
@@ -210,19 +216,44 @@ def status(
 ) -> None:
     """Every cell of a grid: done, failed, diverged, running or pending, with axes and result."""
     from scalemix.ablate.store import GridDir, counts
+    from scalemix.privacy.grid import grid_privacy_from_dir
 
     gd = GridDir(out)
     plan = gd.plan()
     rows = gd.table()
     c = counts(rows)
+    joint = grid_privacy_from_dir(out)  # what every run published so far, together
+    fixed = gd.analysis_plan()
     if as_json:
-        typer.echo(json.dumps({"grid": plan["grid"]["name"], "cells": rows, "counts": c}))
+        typer.echo(
+            json.dumps(
+                {
+                    "grid": plan["grid"]["name"],
+                    "cells": rows,
+                    "counts": c,
+                    "privacy": joint.as_dict(),
+                    "analysis_plan": fixed,
+                }
+            )
+        )
         return
     typer.echo(
         f"grid {plan['grid']['name']} in {out}: "
         + ", ".join(f"{v} {k}" for k, v in c.items())
         + f" (of {len(rows)})"
     )
+    typer.echo(f"privacy of the whole grid: {joint.text}")
+    if fixed is not None:
+        late = [ch for ch in fixed.get("changes", []) if ch.get("results_when_changed")]
+        typer.echo(
+            f"analysis plan: fixed {fixed['fixed']} (hash {fixed['hash']})"
+            + (
+                f", after {fixed['results_when_fixed']} run(s) had results"
+                if fixed.get("results_when_fixed")
+                else ""
+            )
+            + (f"; changed {len(late)} time(s) after results existed" if late else "")
+        )
     alarms = [r["id"] for r in rows if (r["result"] or {}).get("privacy_alarm")]
     if alarms:
         typer.echo(
