@@ -1,12 +1,28 @@
 """From the runs table to the report's numbers and findings (all statistics in stats.py).
 
-The metric is the final test accuracy of each run (never the best epoch). The grid's
-``[report]`` table names the ``primary`` axis (many-valued: omnibus test, x axis) and
-optionally a two-level ``paired`` axis compared on shared seeds at each primary value.
-Without a paired axis, each primary level is compared with the first listed (the
-baseline). The paired comparisons and omnibus tests are the primary questions, corrected
-together by one report-wide Holm; Wilcoxon p-values get their own Holm; correlations are
-exploratory and marked uncorrected.
+**The seed is the unit.** The cells of one seed share their random streams (model
+initialisation, Poisson batches, augmentation: common random numbers), so a grid of
+K configurations x n seeds holds n independent units measured K times, not n K
+independent runs (docs/statistics.md). Every interval, test, count and figure here is
+computed over seeds: a cell's runs (one per seed), a level's *seed means* over the other
+axes (marginal views), each seed's difference (paired views), each seed's spread, or the
+grid model, a repeated-measures ANOVA over seeds whose error terms are the seed x term
+interactions. The effective n (seeds) is printed with each.
+
+**The analysis plan** is the grid's ``[report]`` table, fixed by its first ``ablate``
+(ablate.store.fix_analysis_plan): the metric (final test accuracy of the raw or the EMA
+weights, never a best epoch), the primary axis, an optional two-level paired axis, the
+primary questions (grid-model terms), alpha, the correction (one report-wide Holm, or
+gatekeeping families in a fixed order) and the smallest effect of interest (``sesoi``, in
+points), against which every result that is not significant is read by an equivalence
+test: "equivalent within +-sesoi" or "inconclusive", never "no effect".
+
+The primary tests are the grid-model terms named in ``questions`` (family "interaction"
+or "main effects") and the simple effects: the paired comparisons of the paired axis
+within each stratum, or each primary level against the first, and the omnibus test across
+the primary axis within each stratum (family "simple effects"). Everything else (the
+other grid-model terms, spread, correlations, per-example evidence) is exploratory and
+says so.
 """
 
 from __future__ import annotations
@@ -20,6 +36,138 @@ import pandas as pd
 from scalemix.report import stats as st
 
 METRIC = "test_acc"
+METRIC_LABELS = {
+    "test_acc": "final test accuracy (raw weights)",
+    "test_acc_ema": "final test accuracy (EMA weights)",
+}
+FAMILIES = ("interaction", "main effects", "simple effects")
+
+
+@dataclass
+class ReportPlan:
+    """The analysis plan a report follows: the grid's [report] as fixed (or, for a grid
+    made before plans were fixed, as grid.json holds it), and how it was fixed."""
+
+    metric: str = METRIC
+    primary: str | None = None
+    paired: str | None = None
+    questions: list = field(default_factory=list)
+    alpha: float = st.ALPHA
+    correction: str = "holm"
+    order: list = field(default_factory=lambda: list(FAMILIES))
+    sesoi: float | None = None  # accuracy points
+    record: dict | None = None  # analysis-plan.json: hash, fixed, results_when_fixed, changes
+    mismatch: bool = False  # grid.json's [report] differs from the fixed plan
+
+    @classmethod
+    def from_plan(cls, plan: dict) -> ReportPlan:
+        from scalemix.ablate.grid import METRICS, normalise_report
+
+        grid_rep = normalise_report((plan.get("grid") or {}).get("report") or {})
+        record = plan.get("analysis_plan")
+        rep = normalise_report(record["report"]) if record else grid_rep
+        return cls(
+            metric=METRICS[rep["metric"]],
+            primary=rep.get("primary"),
+            paired=rep.get("paired"),
+            questions=list(rep.get("questions", [])),
+            alpha=float(rep["alpha"]),
+            correction=rep["correction"],
+            order=list(rep["order"]),
+            sesoi=rep["sesoi"],
+            record=record,
+            mismatch=bool(record) and grid_rep != rep,
+        )
+
+    @property
+    def sesoi_frac(self) -> float | None:
+        return None if self.sesoi is None else self.sesoi / 100
+
+    def describe(self) -> list[str]:
+        """The pre-registration block of the title page."""
+        rec = self.record
+        if rec is None:
+            when = (
+                "NOT FIXED: this grid was made before analysis plans were fixed; the plan "
+                "below is grid.json's [report] as it stands, and may have been chosen with the "
+                "results in view."
+            )
+        elif rec.get("results_when_fixed"):
+            when = (
+                f"fixed {rec['fixed']} (hash {rec['hash']}) AFTER {rec['results_when_fixed']} "
+                "run(s) had results: it may have been chosen with the results in view."
+            )
+        else:
+            when = f"fixed {rec['fixed']} (hash {rec['hash']}) before any run had a result."
+        fam = (
+            "one Holm over every primary test"
+            if self.correction == "holm"
+            else "gatekeeping: the families "
+            + " -> ".join(self.order)
+            + ", Holm within each; a family is tested only if every test of the one before "
+            "it is significant"
+        )
+        lines = [
+            "Analysis plan: " + when,
+            f"- metric: {METRIC_LABELS.get(self.metric, self.metric)}; primary axis: "
+            f"{self.primary}; paired axis: {self.paired or 'none'}",
+            "- primary questions (grid-model terms): "
+            + (", ".join(self.questions) or "none named")
+            + "; with them the simple effects (paired comparisons, omnibus tests per stratum)",
+            f"- alpha = {self.alpha:g}; correction: {fam}",
+            "- smallest effect of interest: "
+            + (
+                f"{self.sesoi:g} accuracy points (a result that is not significant is read "
+                "by an equivalence test against it)"
+                if self.sesoi
+                else "not set: no result can be read as equivalence; "
+                "a result that is not significant is inconclusive"
+            ),
+        ]
+        for ch in (rec or {}).get("changes", []):
+            after = ch.get("results_when_changed", 0)
+            lines.append(
+                f"- CHANGED {ch['time']}: {', '.join(ch.get('keys', []))} "
+                + (
+                    f"AFTER {after} run(s) had results (was: "
+                    + "; ".join(f"{k} = {ch['from'].get(k)}" for k in ch.get("keys", []))
+                    + ")"
+                    if after
+                    else "before any result (harmless)"
+                )
+                + (f" [{ch['note']}]" if ch.get("note") else "")
+            )
+        if self.mismatch:
+            lines.append(
+                "- grid.json's [report] differs from the fixed plan (edited by hand?): the "
+                "fixed plan is followed."
+            )
+        return lines
+
+
+@dataclass
+class Block:
+    """The complete block the seed-level analyses use: every configuration of the kept
+    levels for every kept seed."""
+
+    y: np.ndarray  # (seeds, levels of axis 1, ...)
+    axes: list  # the axes in the model (those with two or more levels)
+    levels: dict  # axis -> kept levels, in plan order
+    seeds: list
+    dropped_seeds: list
+    dropped_levels: dict
+    fixed: dict  # axes with a single level left (constant in the block)
+
+    @property
+    def note(self) -> str:
+        parts = []
+        if self.dropped_seeds:
+            parts.append(
+                f"seed(s) {', '.join(map(str, self.dropped_seeds))} left out (a run missing)"
+            )
+        for a, lv in self.dropped_levels.items():
+            parts.append(f"{a} = {', '.join(map(str, lv))} left out (runs missing in every seed)")
+        return "; ".join(parts)
 
 
 @dataclass
@@ -32,15 +180,25 @@ class Analysis:
     metric: str
     runs: pd.DataFrame
     cells: pd.DataFrame  # one row per axes combination: n, mean, std, ci, iqm
-    comparisons: pd.DataFrame  # one row per paired comparison (report-wide Holm)
+    comparisons: pd.DataFrame  # one row per paired comparison
     omnibus: pd.DataFrame  # one row per omnibus test
     correlations: pd.DataFrame  # scale mixing vs accuracy: between / within configurations
+    plan: ReportPlan = field(default_factory=ReportPlan)
+    marginals: pd.DataFrame = field(default_factory=pd.DataFrame)  # seed means per level
     grid_model: pd.DataFrame = field(default_factory=pd.DataFrame)  # one model, every term
+    block: Block | None = None
     power: dict = field(default_factory=dict)  # what the grid can resolve
+    components: dict = field(default_factory=dict)  # variance components
     sensitivity: pd.DataFrame = field(default_factory=pd.DataFrame)  # failures as chance
     dispersion: pd.DataFrame = field(default_factory=pd.DataFrame)  # spread per axis level
+    family_sizes: dict = field(default_factory=dict)
+    grid_privacy: object = None  # privacy.grid.GridPrivacy, when the report has its dir
     findings: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+
+    @property
+    def metric_label(self) -> str:
+        return METRIC_LABELS.get(self.metric, self.metric)
 
 
 def _levels(plan: dict, axis: str) -> list:
@@ -51,20 +209,48 @@ def _fmt_level(axis: str, v) -> str:
     return f"{axis}={v}"
 
 
-def analyse(runs: pd.DataFrame, plan: dict, metric: str = METRIC) -> Analysis:
+def analyse(
+    runs: pd.DataFrame,
+    plan: dict,
+    metric: str | None = None,
+    grid_privacy=None,
+    *,
+    descriptive: bool = True,
+) -> Analysis:
+    """Every number of the report. ``metric`` overrides the plan's (tests only);
+    ``grid_privacy`` is the grid's joint privacy (privacy.grid.grid_privacy_from_dir);
+    ``descriptive=False`` stops after the primary tests and their verdicts (no marginal
+    means, spread, correlations, resolution, findings: for simulations)."""
     grid = plan["grid"]
     axes = list(grid["axes"])
-    rep = grid.get("report") or {}
-    primary = rep.get("primary") or axes[0]
-    paired_axis = rep.get("paired")
+    rp = ReportPlan.from_plan(plan)
+    if metric is not None:
+        rp.metric = metric
+    metric = rp.metric
+    primary = rp.primary if rp.primary in axes else axes[0]
+    rp.primary = primary
+    paired_axis = rp.paired
     if paired_axis is not None and (
         paired_axis not in axes or len(_levels(plan, paired_axis)) != 2
     ):
         paired_axis = None
+    runs = runs.copy()
+    if metric not in runs:
+        runs[metric] = math.nan
     done = runs[runs.status == "done"].copy()
     done[metric] = done[metric].astype(float)
+    if len(done) and not np.isfinite(done[metric]).any():
+        from scalemix.errors import ConfigError
 
-    # ---- per cell
+        raise ConfigError(
+            f"the analysis plan's metric is {METRIC_LABELS.get(metric, metric)}, but no finished "
+            "run has it (runs without an EMA have no EMA accuracy); the plan is fixed: report "
+            "on a grid whose runs keep an EMA"
+        )
+    done = done[np.isfinite(done[metric])]
+    sesoi = rp.sesoi_frac
+
+    # ---- per cell: its runs, one per seed
     rows = []
     for key, g_all in runs.groupby(axes, sort=False, dropna=False):  # every planned cell
         key = key if isinstance(key, tuple) else (key,)
@@ -82,7 +268,7 @@ def analyse(runs: pd.DataFrame, plan: dict, metric: str = METRIC) -> Analysis:
         rows.append(row)
     cells = pd.DataFrame(rows)
 
-    # ---- paired comparisons
+    # ---- paired comparisons (simple effects), per stratum, matched on seed
     others = [a for a in axes if a not in (primary, paired_axis)]
     if paired_axis is not None:
         lo, hi = _levels(plan, paired_axis)
@@ -93,16 +279,19 @@ def analyse(runs: pd.DataFrame, plan: dict, metric: str = METRIC) -> Analysis:
             [primary, *others],
             f"{paired_axis}: {hi} vs {lo}",
             metric,
+            sesoi,
         )
     else:
         levels = _levels(plan, primary)
         pairs = [(levels[0], lvl) for lvl in levels[1:]]
         comps = _paired_family(
-            done, primary, pairs, others, f"{primary}: each vs {levels[0]}", metric
+            done, primary, pairs, others, f"{primary}: each vs {levels[0]}", metric, sesoi
         )
     comparisons = pd.DataFrame(comps)
+    if not comparisons.empty:  # robustness, Holm over the comparisons' Wilcoxon tests
+        comparisons["p_wilcoxon_holm"] = st.holm(comparisons["p_wilcoxon"].values)
 
-    # ---- omnibus across the primary axis (within each level of the other axes)
+    # ---- omnibus across the primary axis (within each level of the other axes), by seed
     omni = []
     strata = [a for a in axes if a != primary]
     groups = done.groupby(strata, sort=False, dropna=False) if strata else [((), done)]
@@ -117,40 +306,20 @@ def analyse(runs: pd.DataFrame, plan: dict, metric: str = METRIC) -> Analysis:
             continue
         res = st.omnibus(by_level, blocked)
         if res is not None:
-            omni.append({**dict(zip(strata, key)), **res.__dict__})
+            row = {**dict(zip(strata, key)), **res.__dict__}
+            row["p_tost"] = _equivalence_of_levels(blocked, sesoi)
+            omni.append(row)
     omnibus = pd.DataFrame(omni)
 
-    # ---- the multiplicity plan: the paired comparisons, the omnibus tests and the grid
-    # model's terms named in [report] questions are the primary (confirmatory) questions,
-    # corrected together by one report-wide Holm; Wilcoxon p-values (robustness) get their
-    # own Holm; every other p-value is exploratory and shown as uncorrected.
-    model = grid_model(done, axes, metric)
-    questions = {_term_key(q) for q in rep.get("questions", [])}
+    # ---- the grid model over seeds (complete blocks)
+    block = complete_block(done, axes, metric, plan)
+    model = grid_model(block, rp.alpha, sesoi)
+    questions = {_term_key(q) for q in rp.questions}
     if not model.empty:
         model["primary"] = [_term_key(t) in questions for t in model.term]
         missing = questions - {_term_key(t) for t in model.term}
     else:
         missing = questions
-    asked = model[model.primary] if not model.empty else model
-    primary_p = (
-        list(comparisons.get("p_t", pd.Series(dtype=float)))
-        + list(omnibus.get("p", pd.Series(dtype=float)))
-        + list(asked.get("p", pd.Series(dtype=float)))
-    )
-    adjusted = st.holm(primary_p)
-    k1, k2 = len(comparisons), len(comparisons) + len(omnibus)
-    if not comparisons.empty:
-        comparisons["p_holm"] = adjusted[:k1]
-        comparisons["p_wilcoxon_holm"] = st.holm(comparisons["p_wilcoxon"].values)
-    if not omnibus.empty:
-        omnibus["p_holm"] = adjusted[k1:k2]
-    if not model.empty:
-        model["p_holm"] = math.nan
-        model.loc[model.primary, "p_holm"] = adjusted[k2:]
-
-    # ---- scale mixing vs accuracy, without pseudo-replication: between configurations
-    # (cell means) and within configurations (each seed's deviation from its cell mean)
-    correlations = scale_mixing_association(done, axes, metric)
 
     an = Analysis(
         grid=grid["name"],
@@ -163,22 +332,33 @@ def analyse(runs: pd.DataFrame, plan: dict, metric: str = METRIC) -> Analysis:
         cells=cells,
         comparisons=comparisons,
         omnibus=omnibus,
-        correlations=correlations,
+        correlations=pd.DataFrame(),
+        plan=rp,
     )
     an.grid_model = model
-    an.dispersion = dispersion(done, axes, metric)
-    if "run_dir" in runs:
+    an.block = block
+    an.grid_privacy = grid_privacy
+    multiplicity(an)
+    if not descriptive:
+        return an
+    an.correlations = scale_mixing_association(done, axes, metric, plan)
+    an.marginals = marginal_means(runs, done, axes, metric, plan)
+    an.dispersion = dispersion(block)
+    if "run_dir" in runs and metric == "test_acc":  # stored predictions: the raw weights'
         per_example_evidence(an)
+    an.components = components(an)
     an.power = power_summary(an)
     an.sensitivity = sensitivity(runs, plan, axes, primary, paired_axis, others, metric)
     an.findings, an.warnings = findings(an)
-    if paired_axis is None and rep.get("paired"):
+    if paired_axis is None and rp.paired:
         an.warnings.append(
-            f"The paired axis {rep['paired']} has {len(_levels(plan, rep['paired']))} levels "
+            f"The paired axis {rp.paired} has {len(_levels(plan, rp.paired))} levels "
             "in these runs, not two: it is analysed as an ordinary axis."
         )
-    for q in sorted(missing):
-        an.warnings.append(f"The primary question {q!r} could not be tested (no model term).")
+    for q in sorted(missing, key=sorted):
+        an.warnings.append(
+            f"The primary question {' x '.join(sorted(q))!r} could not be tested (no model term)."
+        )
     return an
 
 
@@ -187,33 +367,319 @@ def _term_key(term: str) -> frozenset:
     return frozenset(t.strip() for t in str(term).split(" x "))
 
 
-def dispersion(done: pd.DataFrame, axes: list, metric: str) -> pd.DataFrame:
-    """Spread across seeds per level of each axis (pooled within-cell SD) and the
-    Brown-Forsythe test of equal spread (exploratory, uncorrected): a configuration can
-    matter by making training stable rather than better on average."""
+# ------------------------------------------------------------------ seed-level tables
+
+
+def complete_block(done: pd.DataFrame, axes: list, metric: str, plan: dict) -> Block | None:
+    """The largest complete block of the grid that keeps its questions: every seed that
+    has a run in every configuration. Seeds are left out before levels (a left-out seed
+    costs power, a left-out level changes the question); a level is left out only when
+    fewer than two seeds would be complete, and then the level missing the most runs.
+    Axes left with one level are constant in the block. None when no block of two seeds
+    and two configurations remains (or the grid is not a full factorial of its levels)."""
+    if done.empty:
+        return None
+    d = done[[*axes, "seed", metric]].dropna()
+    levels = {a: [v for v in _levels(plan, a) if (d[a] == v).any()] for a in axes}
+    dropped_levels: dict = {}
+    while True:
+        keep = np.ones(len(d), dtype=bool)
+        for a in axes:
+            keep &= d[a].isin(levels[a]).values
+        dd = d[keep]
+        n_cells = int(np.prod([len(levels[a]) for a in axes]))
+        per_seed = dd.drop_duplicates(subset=[*axes, "seed"]).seed.value_counts()
+        complete = sorted(per_seed[per_seed == n_cells].index)
+        if len(complete) >= 2:
+            break
+        # leave out the level that misses the most runs (an axis keeps one level at least)
+        best, best_missing = None, 0
+        n_seeds = dd.seed.nunique()
+        for a in axes:
+            if len(levels[a]) < 2:
+                continue
+            for v in levels[a]:
+                present = int((dd[a] == v).sum())
+                missing = n_seeds * n_cells // len(levels[a]) - present
+                if missing > best_missing:
+                    best, best_missing = (a, v), missing
+        if best is None:
+            return None
+        a, v = best
+        levels[a] = [x for x in levels[a] if x != v]
+        dropped_levels.setdefault(a, []).append(v)
+    model_axes = [a for a in axes if len(levels[a]) >= 2]
+    if not model_axes:
+        return None
+    dd = dd[dd.seed.isin(complete)]
+    shape = [len(complete)] + [len(levels[a]) for a in model_axes]
+    y = np.full(shape, np.nan)
+    seed_ix = {s: i for i, s in enumerate(complete)}
+    lvl_ix = {a: {v: i for i, v in enumerate(levels[a])} for a in model_axes}
+    for _, r in dd.iterrows():
+        y[(seed_ix[r.seed], *(lvl_ix[a][r[a]] for a in model_axes))] = float(r[metric])
+    if np.isnan(y).any():
+        return None
+    all_seeds = sorted(d.seed.unique())
+    return Block(
+        y=y,
+        axes=model_axes,
+        levels={a: levels[a] for a in model_axes},
+        seeds=complete,
+        dropped_seeds=[s for s in all_seeds if s not in complete],
+        dropped_levels=dropped_levels,
+        fixed={a: levels[a][0] for a in axes if len(levels[a]) == 1},
+    )
+
+
+def marginal_means(
+    runs: pd.DataFrame, done: pd.DataFrame, axes: list, metric: str, plan: dict
+) -> pd.DataFrame:
+    """For each level of each axis: each seed's mean over the other axes (the seeds that
+    ran every configuration at that level), and the t interval over those seed means.
+    Pooling the runs instead would count one seed's correlated runs as independent."""
     rows = []
     for axis in axes:
-        by_level: dict = {}
-        for key, g in done.groupby(axes, sort=False, dropna=False):
-            key = key if isinstance(key, tuple) else (key,)
-            by_level.setdefault(key[axes.index(axis)], []).append(g[metric].astype(float).values)
-        res = st.brown_forsythe(by_level)
-        if res is None:
-            continue
-        sds = {
-            lvl: math.sqrt(
-                sum(((c - c.mean()) ** 2).sum() for c in cs if len(c) >= 2)
-                / max(1, sum(len(c) - 1 for c in cs if len(c) >= 2))
+        other = [a for a in axes if a != axis]
+        for lvl in _levels(plan, axis):
+            g = done[done[axis] == lvl]
+            planned = runs[runs[axis] == lvl]
+            if planned.empty:
+                continue
+            n_cfg = planned.groupby(other, dropna=False).ngroups if other else 1
+            per_seed = g.groupby("seed")[metric].agg(["mean", "size"])
+            full = per_seed[per_seed["size"] == n_cfg]
+            s = st.describe(full["mean"].values)
+            rows.append(
+                {
+                    "axis": axis,
+                    "level": lvl,
+                    "configurations": n_cfg,
+                    "seeds": s.n,
+                    "seeds_left_out": int(len(per_seed) - len(full)),
+                    "seed_means": full["mean"].tolist(),
+                    **{k: v for k, v in s.as_dict().items() if k != "n"},
+                }
             )
-            for lvl, cs in by_level.items()
-        }
+    return pd.DataFrame(rows)
+
+
+def _equivalence_of_levels(blocked: dict, sesoi: float | None) -> float:
+    """Intersection-union equivalence (every pair of levels within +-sesoi, each by the
+    paired TOST over the seeds both have): the largest TOST p, or nan."""
+    if not sesoi:
+        return math.nan
+    lv = [k for k in blocked if blocked[k]]
+    ps = []
+    for i in range(len(lv)):
+        for j in range(i + 1, len(lv)):
+            seeds = sorted(set(blocked[lv[i]]) & set(blocked[lv[j]]))
+            if len(seeds) < 2:
+                return math.nan
+            d = [blocked[lv[j]][s] - blocked[lv[i]][s] for s in seeds]
+            ps.append(st.tost_paired(d, -sesoi, sesoi)[0])
+    return max(ps) if ps else math.nan
+
+
+def grid_model(block: Block | None, alpha: float = st.ALPHA, sesoi: float | None = None):
+    """One model for the whole grid: a repeated-measures ANOVA over seeds of the complete
+    block (stats.rm_anova: AnovaRM's F and p, each term against its own term x seed
+    interaction), with Greenhouse-Geisser and lower-bound p for terms of more than one df,
+    the critical F (and, for 1-df terms, the critical effect in points) at alpha, and for
+    each term an equivalence test against +-sesoi where one is defined (1-df terms: TOST
+    of the per-seed contrast; main effects: every pair of levels' seed means; two-way
+    interactions with a two-level axis: every pair of its simple effects)."""
+    if block is None or block.y.shape[0] < 2:
+        return pd.DataFrame()
+    y = block.y
+    rows = st.rm_anova(y, block.axes, alpha)
+    model = "repeated-measures ANOVA over seeds (seed as block; error: term x seed)" + (
+        f"; complete block of {y.shape[0]} seeds: {block.note}" if block.note else ""
+    )
+    for r in rows:
+        r["df"] = f"{r['df1']:g}, {r['df2']:g}"
+        r["model"] = model
+        r["p_tost"] = _term_equivalence(y, block.axes, r, sesoi)
+    return pd.DataFrame(rows)
+
+
+def _term_equivalence(y: np.ndarray, axes: list, row: dict, sesoi: float | None) -> float:
+    if not sesoi:
+        return math.nan
+    if "effect_per_seed" in row:  # a 1-df term
+        return st.tost_paired(row["effect_per_seed"], -sesoi, sesoi)[0]
+    idx = [axes.index(a) for a in row["axes"]]
+    n = y.shape[0]
+    if len(idx) == 1:  # a main effect: every pair of the levels' seed means
+        i = idx[0]
+        m = np.moveaxis(y, i + 1, 1).reshape(n, y.shape[i + 1], -1).mean(axis=2)
+    elif len(idx) == 2 and 2 in (y.shape[idx[0] + 1], y.shape[idx[1] + 1]):
+        two = idx[0] if y.shape[idx[0] + 1] == 2 else idx[1]
+        other = idx[1] if two == idx[0] else idx[0]
+        z = np.moveaxis(y, (two + 1, other + 1), (1, 2))
+        z = z.reshape(n, 2, y.shape[other + 1], -1).mean(axis=3)
+        m = z[:, 1, :] - z[:, 0, :]  # each seed's simple effect at each level of the other
+    else:
+        return math.nan
+    blocked = {j: dict(enumerate(m[:, j])) for j in range(m.shape[1])}
+    return _equivalence_of_levels(blocked, sesoi)
+
+
+# ------------------------------------------------------------------ the multiplicity plan
+
+
+def multiplicity(an: Analysis) -> None:
+    """Adjusted p-values and verdicts of the primary tests (in place): columns ``family``,
+    ``p_adj``, ``adj`` (the correction, in words), ``tested`` and ``verdict``. Grid-model
+    terms of more than one df enter with their Greenhouse-Geisser p (valid without
+    sphericity). Holm: one family of every primary test. Gatekeeping (serial; Westfall &
+    Krishen 2001): the families in the plan's order, Holm within each; a family is tested
+    only if every test of the family before it is significant (strong control of the
+    familywise error). Exploratory tests get p_adj = nan and adj "exploratory,
+    uncorrected"."""
+    rp = an.plan
+    model, comp, omni = an.grid_model, an.comparisons, an.omnibus
+    frames = {"model": model, "comp": comp, "omni": omni}
+    if not model.empty:
+        model["family"] = [
+            ("interaction" if len(ax) > 1 else "main effects") if prim else "exploratory"
+            for ax, prim in zip(model["axes"], model["primary"])
+        ]
+        model["p_verdict"] = np.where(
+            (model.df1 > 1) & np.isfinite(model.p_gg), model.p_gg, model.p
+        )
+    cols = {"model": "p_verdict", "comp": "p_t", "omni": "p"}
+    out = {  # per frame: p_adj, adj, tested, as lists
+        k: ([math.nan] * len(f), ["exploratory, uncorrected"] * len(f), [True] * len(f))
+        for k, f in frames.items()
+    }
+    entries = []  # (frame, position, family, p)
+    if not model.empty:
+        for i, (prim, fam, p) in enumerate(zip(model.primary, model.family, model.p_verdict)):
+            if prim:
+                entries.append(("model", i, fam, float(p)))
+    for k in ("comp", "omni"):
+        f = frames[k]
+        if not f.empty:
+            f["family"] = "simple effects"
+            entries += [
+                ("comp" if k == "comp" else "omni", i, "simple effects", float(p))
+                for i, p in enumerate(f[cols[k]])
+            ]
+    m_all = int(sum(np.isfinite(p) for *_, p in entries))
+    if rp.correction == "holm":
+        for (k, i, _, _), pa in zip(entries, st.holm([p for *_, p in entries])):
+            out[k][0][i], out[k][1][i] = pa, f"Holm over {m_all} primary tests"
+        an.family_sizes = {"all primary tests": m_all}
+    else:
+        gate_open, sizes = True, {}
+        for fam in rp.order:
+            part = [e for e in entries if e[2] == fam]
+            sizes[fam] = len(part)
+            if not part:
+                continue
+            adj = st.holm([p for *_, p in part])
+            m = int(sum(np.isfinite(p) for *_, p in part))
+            for (k, i, _, _), pa in zip(part, adj):
+                out[k][0][i] = pa if gate_open else math.nan
+                out[k][2][i] = gate_open
+                out[k][1][i] = (
+                    f"Holm over {m} test(s) of family '{fam}'"
+                    if gate_open
+                    else f"not tested: gate closed before family '{fam}'"
+                )
+            gate_open = gate_open and all(pa < rp.alpha for pa in adj if not math.isnan(pa))
+        for k, i, fam, _ in entries:  # a family the order leaves out is exploratory
+            if fam not in rp.order:
+                out[k][1][i] = "exploratory, uncorrected (not in the order)"
+        an.family_sizes = sizes
+    for k, f in frames.items():
+        if f.empty:
+            continue
+        f["p_adj"], f["adj"], f["tested"] = out[k]
+        tost = f["p_tost"] if "p_tost" in f else [math.nan] * len(f)
+        f["verdict"] = [
+            _verdict(pa, pr, pt, te, ad, rp)
+            for pa, pr, pt, te, ad in zip(f.p_adj, f[cols[k]], tost, f.tested, f.adj)
+        ]
+
+
+def _verdict(p_adj, p_raw, p_tost, tested, adj, rp: ReportPlan) -> str:
+    """ "effect", "equivalent", "inconclusive", "not tested" (a closed gate), or for an
+    exploratory test "effect (exploratory)" / "equivalent" / "inconclusive"."""
+    exploratory = str(adj).startswith("exploratory")
+    if not tested:
+        return "not tested"
+    p = p_raw if exploratory else p_adj
+    if isinstance(p, float) and math.isnan(p):
+        return "not testable"
+    if p < rp.alpha:
+        return "effect (exploratory)" if exploratory else "effect"
+    if isinstance(p_tost, float) and not math.isnan(p_tost) and p_tost < rp.alpha:
+        return "equivalent"
+    return "inconclusive"
+
+
+def _points(x: float) -> str:
+    return f"{x:g} point" + ("" if x == 1 else "s")
+
+
+def verdict_words(verdict: str, rp: ReportPlan) -> str:
+    """A verdict in words; "not significant" is never written as "no effect"."""
+    if verdict == "equivalent":
+        return f"is within ±{_points(rp.sesoi)} of zero (equivalence shown by TOST)"
+    if verdict == "inconclusive":
+        return "is inconclusive: not significant, and " + (
+            f"not shown to be within ±{_points(rp.sesoi)} of zero (TOST)"
+            if rp.sesoi
+            else "the plan sets no smallest effect of interest to test equivalence against"
+        )
+    return {
+        "effect": "has an effect",
+        "effect (exploratory)": "may have an effect (exploratory)",
+        "not tested": "was not tested (its gate was closed)",
+        "not testable": "is not testable",
+    }.get(verdict, verdict)
+
+
+# ------------------------------------------------------------------ exploratory analyses
+
+
+def dispersion(block: Block | None) -> pd.DataFrame:
+    """Spread across seeds per level of each axis, with the seed as the unit: each seed's
+    mean absolute deviation from the cell means over the level's configurations, the
+    levels compared within seed by a repeated-measures ANOVA (a paired t test for two
+    levels; a seed-level Levene test, exploratory and uncorrected). Each run's deviation
+    from its own cell's median (Brown-Forsythe) counted one seed's shared pattern once
+    per cell and, at an odd number of seeds, put a structural zero in every cell. Also
+    each level's pooled SD across seeds (descriptive)."""
+    if block is None or block.y.shape[0] < 3:
+        return pd.DataFrame()
+    y = block.y
+    n = y.shape[0]
+    dev = np.abs(y - y.mean(axis=0, keepdims=True))
+    rows = []
+    for i, axis in enumerate(block.axes):
+        k = y.shape[i + 1]
+        z = np.moveaxis(dev, i + 1, 1).reshape(n, k, -1).mean(axis=2)  # (seeds, levels)
+        var = np.moveaxis(y, i + 1, 1).reshape(n, k, -1).var(axis=0, ddof=1).mean(axis=1)
+        if np.ptp(z) == 0:
+            continue
+        r = st.rm_anova(z, [axis])[0]
         rows.append(
             {
                 "axis": axis,
-                "F": res[0],
-                "p": res[1],
-                "df": res[2],
-                "pooled_sd": {str(k): v for k, v in sds.items()},
+                "F": r["F"],
+                "p": r["p"],
+                "p_gg": r["p_gg"],
+                "df": f"{r['df1']:g}, {r['df2']:g}",
+                "n_seeds": n,
+                "pooled_sd": {
+                    str(lv): float(math.sqrt(v)) for lv, v in zip(block.levels[axis], var)
+                },
+                "mad_per_seed": {
+                    str(lv): z[:, j].tolist() for j, lv in enumerate(block.levels[axis])
+                },
             }
         )
     return pd.DataFrame(rows)
@@ -245,124 +711,82 @@ def per_example_evidence(an: Analysis) -> None:
 SCALE_SUMMARY = "final_log2_ratio"  # the one primary scale-mixing summary
 
 
-def scale_mixing_association(done: pd.DataFrame, axes: list, metric: str) -> pd.DataFrame:
+def scale_mixing_association(done: pd.DataFrame, axes: list, metric: str, plan) -> pd.DataFrame:
     """Spearman between the final log2 scale ratio (mean over blocks) and accuracy, split
-    into a between-configuration part (n = configurations) and a within-configuration
-    part (seed deviations from their cell's mean); both exploratory."""
+    into a between-configuration part (configuration means: n = configurations) and a
+    within part: the two-way residuals of both (each run's value less its configuration's
+    mean and its seed's mean, on the complete block), whose effective n is the residual
+    df (configurations - 1)(seeds - 1) + 1; removing the seed's mean keeps one seed's
+    shared pattern from counting once per configuration. Both exploratory."""
     if SCALE_SUMMARY not in done or done[SCALE_SUMMARY].isna().all():
         return pd.DataFrame()
-    d = done[[*axes, SCALE_SUMMARY, metric]].dropna().copy()
+    d = done[[*axes, "seed", SCALE_SUMMARY, metric]].dropna().copy()
     d[SCALE_SUMMARY] = d[SCALE_SUMMARY].astype(float)
-    means = d.groupby(axes, sort=False, dropna=False)[[SCALE_SUMMARY, metric]].transform("mean")
     rows = []
     cells = d.groupby(axes, sort=False, dropna=False)[[SCALE_SUMMARY, metric]].mean()
-    for part, x, y in (
-        ("between configurations", cells[SCALE_SUMMARY], cells[metric]),
-        (
-            "within configurations",
-            d[SCALE_SUMMARY] - means[SCALE_SUMMARY],
-            d[metric] - means[metric],
-        ),
-    ):
-        r = st.spearman(x.values, y.values)
+    r = st.spearman(cells[SCALE_SUMMARY].values, cells[metric].values)
+    if r is not None:
+        rows.append({"summary": SCALE_SUMMARY, "part": "between configurations", **r.__dict__})
+    bx = complete_block(d, axes, SCALE_SUMMARY, plan)
+    by = complete_block(d, axes, metric, plan)
+    if bx is not None and by is not None and bx.y.shape == by.y.shape:
+        n = bx.y.shape[0]
+        res = []
+        for b in (bx, by):
+            yy = b.y.reshape(n, -1)
+            res.append(yy - yy.mean(axis=0) - yy.mean(axis=1, keepdims=True) + yy.mean())
+        k = bx.y.reshape(n, -1).shape[1]
+        r = st.spearman(res[0].ravel(), res[1].ravel(), df=(n - 1) * (k - 1))
         if r is not None:
-            rows.append({"summary": SCALE_SUMMARY, "part": part, **r.__dict__, "p_holm": math.nan})
+            rows.append(
+                {
+                    "summary": SCALE_SUMMARY,
+                    "part": "within configurations and seeds",
+                    **r.__dict__,
+                }
+            )
     return pd.DataFrame(rows)
 
 
-def grid_model(done: pd.DataFrame, axes: list, metric: str) -> pd.DataFrame:
-    """One model for the whole grid: accuracy ~ axes with all their interactions, seed as
-    a blocking effect (statsmodels AnovaRM: repeated-measures ANOVA) when every seed has
-    every cell, else a mixed model with a random intercept per seed (MixedLM, Wald tests)."""
-    import warnings
-
-    d = done[[*axes, "seed", metric]].dropna().copy()
-    for a in axes:
-        d[a] = d[a].astype(str)
-    cells = d.groupby(axes, dropna=False).ngroups
-    seeds = d.seed.nunique()
-    if seeds < 2 or cells < 2:
-        return pd.DataFrame()
-    balanced = len(d) == cells * seeds and (d.groupby("seed").size() == cells).all()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            if balanced:
-                from statsmodels.stats.anova import AnovaRM
-
-                tab = AnovaRM(d, metric, "seed", within=axes).fit().anova_table
-                return pd.DataFrame(
-                    {
-                        "term": [t.replace(":", " x ") for t in tab.index],
-                        "F": tab["F Value"].values,
-                        "df": [f"{a:g}, {b:g}" for a, b in zip(tab["Num DF"], tab["Den DF"])],
-                        "p": tab["Pr > F"].values,
-                        "model": "repeated-measures ANOVA (AnovaRM), seed as block",
-                    }
-                )
-            import statsmodels.formula.api as smf
-
-            formula = f"{metric} ~ " + " * ".join(f"C({a})" for a in axes)
-            fit = smf.mixedlm(formula, d, groups=d["seed"]).fit(reml=True)
-            wt = fit.wald_test_terms(scalar=True).table
-            wt = wt[wt.index != "Intercept"]
-            return pd.DataFrame(
-                {
-                    "term": [
-                        t.replace("C(", "").replace(")", "").replace(":", " x ") for t in wt.index
-                    ],
-                    "F": wt["statistic"].values,
-                    "df": [str(v) for v in wt["df_constraint"].values],
-                    "p": wt["pvalue"].values,
-                    "model": "mixed model (MixedLM), random intercept per seed, Wald chi2",
-                }
-            )
-    except Exception as e:  # pragma: no cover - a degenerate grid: say so
-        return pd.DataFrame(
-            [
-                {
-                    "term": "model not estimable",
-                    "F": math.nan,
-                    "df": "",
-                    "p": math.nan,
-                    "model": str(e)[:80],
-                }
-            ]
-        )
+# ------------------------------------------------------------------ what the grid resolves
 
 
-def selection_cost(runs: pd.DataFrame) -> str | None:
-    """The privacy of choosing the best configuration of the grid, as a number: releasing
-    the choice reads every run, and every run saw the same private data, so by basic
-    composition (Dwork & Roth 2014, Thm 3.16) it is (sum of epsilons, sum of deltas)-DP."""
-    done = (
-        runs[(runs.status == "done") & runs.epsilon_spent.notna()]
-        if "epsilon_spent" in runs
-        else runs[:0]
-    )
-    if done.empty:
-        return None
-    k = len(done)
-    eps = float(done.epsilon_spent.astype(float).sum())
-    delta = float(done.delta.astype(float).sum()) if "delta" in done else math.nan
-    one = float(done.epsilon_spent.astype(float).max())
-    return (
-        f"Choosing the best configuration from these {k} runs is a computation on all of them; "
-        f"by basic composition the choice is ({eps:.3g}, {delta:.2g})-DP, against ({one:.3g}, "
-        f"{float(done.delta.astype(float).max()):.2g}) for one run. Papernot & Steinke (2022) "
-        "show that a random number of runs (e.g. Poisson) and releasing only the best costs "
-        "only a small multiple of one run's epsilon; this grid ran a fixed set, so composition "
-        "is the bound that applies. Select on public data to avoid the cost."
-    )
+def components(an: Analysis) -> dict:
+    """Variance components of the metric (accuracy points squared) on the complete block:
+    seed, residual (seed x configuration, with the test set's binomial noise inside), and
+    the return of more seeds against a larger test set for a paired difference's SE."""
+    b = an.block
+    if b is None:
+        return {}
+    y = 100 * b.y.reshape(b.y.shape[0], -1)
+    runs = an.runs[an.runs.status == "done"]
+    test_var = None
+    if "test_size" in runs and runs.test_size.notna().any():
+        nt = float(runs.test_size.dropna().iloc[0])
+        p = b.y.ravel()
+        test_var = float(np.mean(p * (1 - p)) / nt) * 1e4
+    out = st.variance_components(y, test_var)
+    if not out:
+        return out
+    n = y.shape[0]
+    res = out["residual"]
+    out["se_paired_now"] = math.sqrt(2 * res / n)
+    out["se_paired_2x_seeds"] = math.sqrt(2 * res / (2 * n))
+    if test_var is not None:
+        out["se_paired_4x_test"] = math.sqrt(2 * (res - 0.75 * out["test_set"]) / n)
+    return out
 
 
 def power_summary(an: Analysis) -> dict:
-    """What the grid can resolve: the test set's binomial error per run, the paired SD,
-    the minimum detectable effect at the current seeds (80 % power, two-sided 0.05) and
-    the seeds needed for 1 and 0.5 points."""
-    from statsmodels.stats.power import TTestPower
-
+    """What the grid can resolve: the test set's binomial error per run; for the primary
+    term (the first 1-df question, else the paired comparisons), the SD of its per-seed
+    contrast, with its chi-square interval, and at the plan's own alpha as corrected
+    (Holm's first step: alpha / family size; the family's under gatekeeping) the smallest
+    effect detectable with 80 % power at these seeds and the seeds needed for 1 point,
+    0.5 point and the smallest effect of interest, each with the range the SD's
+    interval implies."""
     out: dict = {}
+    rp = an.plan
     runs = an.runs[an.runs.status == "done"]
     n_test = runs.get("test_size")
     if n_test is not None and n_test.notna().any() and len(runs):
@@ -370,23 +794,50 @@ def power_summary(an: Analysis) -> dict:
         nt = float(n_test.dropna().iloc[0])
         out["test_size"] = int(nt)
         out["binomial_se_points"] = 100 * math.sqrt(p * (1 - p) / nt)
-    comp = an.comparisons
-    if comp.empty or "diffs" not in comp:
+    gm = an.grid_model
+    term = None
+    if not gm.empty and "effect_sd" in gm:
+        cand = gm[gm.primary & gm.effect_sd.notna()] if "primary" in gm else gm[:0]
+        if cand.empty:
+            cand = gm[gm.effect_sd.notna()]
+        if not cand.empty:
+            term = cand.iloc[0]
+    if term is not None:
+        sd, n = float(term.effect_sd), int(term.n_seeds)
+        out["term"] = term.term
+        out["sd_source"] = f"the per-seed contrast of {term.term} (the grid model's error)"
+        fam = term.get("family", "exploratory")
+    else:
+        comp = an.comparisons
+        if comp.empty or "diffs" not in comp:
+            return out
+        sds = [np.std(d, ddof=1) for d in comp.diffs if len(d) >= 2]
+        if not sds:
+            return out
+        sd = float(math.sqrt(np.mean(np.square(sds))))
+        n = int(comp.n.median())
+        out["term"] = "the paired comparisons"
+        out["sd_source"] = "the paired differences within strata (pooled)"
+        fam = "simple effects"
+    if rp.correction == "holm":
+        m = an.family_sizes.get("all primary tests", 1) if fam != "exploratory" else 1
+    else:
+        m = an.family_sizes.get(fam, 1) if fam != "exploratory" else 1
+    m = max(1, int(m))
+    alpha = rp.alpha / m
+    out.update(paired_sd_points=100 * sd, seeds=n, alpha=alpha, family_size=m)
+    if not sd > 0 or n < 2:
         return out
-    sds = [np.std(d, ddof=1) for d in comp.diffs if len(d) >= 2]
-    if not sds:
-        return out
-    sd = float(math.sqrt(np.mean(np.square(sds))))
-    n = int(comp.n.median())
-    out.update(paired_sd_points=100 * sd, seeds=n)
-    power = TTestPower()
-    if n >= 2 and sd > 0:
-        es = power.solve_power(nobs=n, alpha=st.ALPHA, power=0.8)
-        out["mde_points"] = 100 * es * sd
-    for pts in (1.0, 0.5):
-        if sd > 0:
-            need = power.solve_power(effect_size=(pts / 100) / sd, alpha=st.ALPHA, power=0.8)
-            out[f"seeds_for_{pts:g}_point"] = int(math.ceil(need))
+    lo, hi = st.sd_interval(sd, n - 1)
+    out["sd_low_points"], out["sd_high_points"] = 100 * lo, 100 * hi
+    out["mde_points"] = 100 * sd * st.detectable_effect(n, alpha)
+    targets = [1.0, 0.5] + ([rp.sesoi] if rp.sesoi and rp.sesoi not in (1.0, 0.5) else [])
+    for pts in targets:
+        out[f"seeds_for_{pts:g}_point"] = st.seeds_needed((pts / 100) / sd, alpha)
+        out[f"seeds_for_{pts:g}_point_range"] = (
+            st.seeds_needed((pts / 100) / lo, alpha),
+            st.seeds_needed((pts / 100) / hi, alpha),
+        )
     return out
 
 
@@ -399,10 +850,10 @@ def sensitivity(runs, plan, axes, primary, paired_axis, others, metric) -> pd.Da
     r = runs.copy()
     classes = runs["num_classes"].dropna() if "num_classes" in runs else pd.Series(dtype=float)
     chance = 1.0 / float(classes.iloc[0]) if len(classes) else 0.1  # ten classes if unknown
+    r[metric] = r[metric].astype(float)
     r.loc[bad, metric] = chance
     r.loc[bad, "status"] = "done"
     r = r[r.status == "done"].copy()
-    r[metric] = r[metric].astype(float)
     if paired_axis is not None:
         lo, hi = _levels(plan, paired_axis)
         comps = _paired_family(
@@ -420,26 +871,37 @@ def sensitivity(runs, plan, axes, primary, paired_axis, others, metric) -> pd.Da
 
 
 def _paired_family(
-    done: pd.DataFrame, axis: str, pairs: list, strata: list[str], family: str, metric: str
+    done: pd.DataFrame,
+    axis: str,
+    pairs: list,
+    strata: list[str],
+    family: str,
+    metric: str,
+    sesoi: float | None = None,
 ) -> list[dict]:
     """Compare level b against level a of ``axis`` on shared seeds, within each stratum."""
     rows = []
     groups = done.groupby(strata, sort=False, dropna=False) if strata else [((), done)]
     for key, g in groups:
         key = key if isinstance(key, tuple) else (key,)
+        by_level = {}  # level -> {seed: (value, id)}
+        for lvl, s, v, i in zip(g[axis], g["seed"], g[metric].astype(float), g["id"]):
+            by_level.setdefault(lvl, {})[s] = (v, i)
         for lo, hi in pairs:
-            ga, gb = g[g[axis] == lo].set_index("seed"), g[g[axis] == hi].set_index("seed")
-            a, b = ga[metric], gb[metric]
-            seeds = sorted(set(a.index) & set(b.index))
+            a, b = by_level.get(lo, {}), by_level.get(hi, {})
+            seeds = sorted(set(a) & set(b))
             if not seeds:
                 continue
-            r = st.paired(a[seeds].values, b[seeds].values)
+            va = np.array([a[s][0] for s in seeds])
+            vb = np.array([b[s][0] for s in seeds])
+            r = st.paired(va, vb, sesoi)
             rows.append(
                 {
-                    "diffs": (b[seeds].values - a[seeds].values).tolist(),
-                    "ids_a": ga.loc[seeds, "id"].tolist(),
-                    "ids_b": gb.loc[seeds, "id"].tolist(),
-                    "family": family,
+                    "diffs": (vb - va).tolist(),
+                    "seeds": seeds,
+                    "ids_a": [a[s][1] for s in seeds],
+                    "ids_b": [b[s][1] for s in seeds],
+                    "family_name": family,
                     axis: hi,
                     **dict(zip(strata, key)),
                     "a": _fmt_level(axis, lo),
@@ -450,12 +912,31 @@ def _paired_family(
     return rows
 
 
+# ------------------------------------------------------------------ findings
+
+
 def _pts(x: float) -> str:
     return f"{100 * x:+.1f} points"
 
 
+def _pv(x: float) -> str:
+    return "nan" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3g}"
+
+
+def _adj_text(r) -> str:
+    """ "Holm-adjusted p = 0.82 (Holm over 9 primary tests)" or why there is none."""
+    adj = str(r.get("adj", ""))
+    if adj.startswith("exploratory"):
+        return "exploratory, uncorrected"
+    if adj.startswith("not tested"):
+        return adj
+    return f"adjusted p = {_pv(r.get('p_adj'))} ({adj})"
+
+
 def findings(an: Analysis) -> tuple[list[str], list[str]]:
     out, warn = [], []
+    rp = an.plan
+    alpha = rp.alpha
     runs, cells = an.runs, an.cells
     if (
         "privacy_alarm" in runs
@@ -491,139 +972,251 @@ def findings(an: Analysis) -> tuple[list[str], list[str]]:
         )
     if n_done < len(runs) - n_bad:
         warn.append(f"{len(runs) - n_bad - n_done} runs are not finished; this report is partial.")
-    if not cells.empty:
+    if an.block is not None and an.block.note:
+        warn.append(
+            f"The seed-level analyses (grid model, spread, variance components) use a complete "
+            f"block of {len(an.block.seeds)} seeds: {an.block.note}."
+        )
+    if not cells.empty and cells["mean"].notna().any():
         best = cells.sort_values("mean", ascending=False).iloc[0]
         label = ", ".join(f"{a}={best[a]}" for a in an.axes)
+        cut = " (cut at 100 %)" if best.get("ci_cut") in ("high", "both") else ""
         out.append(
-            f"Best mean accuracy: {100 * best['mean']:.1f} % at {label} "
-            f"(95 % CI {100 * best['ci_low']:.1f}-{100 * best['ci_high']:.1f}, n = {int(best['n'])})."
+            f"Highest mean {an.metric_label}: {100 * best['mean']:.1f} % at {label} (95 % t CI "
+            f"over {int(best['n'])} seeds {100 * best['ci_low']:.1f}-{100 * best['ci_high']:.1f}"
+            f"{cut}). Chosen on the test set (the grid has no validation split): as an "
+            "estimate of the chosen configuration's accuracy it is biased upwards, the more "
+            "so the more configurations it was chosen from."
         )
-        seeds = int(cells["n"].min())
-        if (w := st.too_few(seeds)) is not None:
+        seeds = int(cells["n"].max())
+        if (w := st.too_few(seeds, alpha)) is not None:
             warn.append(f"Too few seeds to conclude: {w}.")
-    comp = an.comparisons
-    if not comp.empty:
-        for fam, g in comp.groupby("family", sort=False):
-            k = len(g)
-            up = int((g.mean_diff > 0).sum())
-            sig = g[g.p_holm < st.ALPHA]
-            top = g.sort_values("mean_diff", ascending=False).iloc[0]
-            where = _where(top, an, exclude=(an.paired_axis,) if an.paired_axis else ())
-            b_label = top["b"]
-            seeds_won, seeds_all = int(g.wins.sum()), int(g.n.sum())
-            if g.b.nunique() == 1:  # one treatment compared within strata
-                text = (
-                    f"{b_label} raised mean accuracy in {up} of {k} comparisons ({fam}), "
-                    f"and in {seeds_won} of {seeds_all} seed-matched pairs; "
-                )
-            else:  # each level against the baseline
-                text = (
-                    f"Against {top['a']}, {up} of {k} levels raised mean accuracy "
-                    f"({seeds_won} of {seeds_all} seed-matched pairs); "
-                )
-            text += f"the largest gain, {_pts(top.mean_diff)} at {where}, "
-            if top.n < 2 or math.isnan(top.p_holm):
-                text += f"is not testable (n = {int(top.n)})."
-            elif top.p_holm < st.ALPHA:
-                text += f"holds after the report-wide Holm correction (p = {top.p_holm:.3g})."
-            else:
-                text += (
-                    f"does not hold after the report-wide Holm correction (p = {top.p_holm:.3g})."
-                )
-            out.append(text)
-            if len(sig):
-                worse = sig[sig.mean_diff < 0]
-                out.append(
-                    f"{len(sig)} of {k} differences are significant at {st.ALPHA} after Holm correction"
-                    + (f", {len(worse)} of them losses." if len(worse) else ".")
-                )
-            else:
-                out.append(
-                    f"None of the {k} differences is significant at {st.ALPHA} after Holm correction."
-                )
-    om = an.omnibus
-    for _, r in om.iterrows() if not om.empty else []:
-        where = ", ".join(f"{a}={r[a]}" for a in an.axes if a != an.primary and a in r)
-        verdict = "differs" if r.p_holm < st.ALPHA else "shows no detectable difference"
-        out.append(
-            f"Across {an.primary} ({r.levels} levels{', ' + where if where else ''}), accuracy {verdict} "
-            f"({r.test}, p = {r.p:.3g}, Holm {r.p_holm:.3g})."
-        )
-    co = an.correlations
-    for _, r in co.iterrows() if not co.empty else []:
-        strength = "an" if r.p < st.ALPHA else "no reliable"
-        out.append(
-            f"Scale mixing and accuracy ({r.part}; exploratory, uncorrected): {strength} "
-            f"association between the final log2 scale ratio and accuracy (Spearman rho = "
-            f"{r.rho:+.2f}, 95 % CI {r.ci_low:+.2f} to {r.ci_high:+.2f}, n = {r.n}, p = {r.p:.3g}); "
-            "a correlation, not a cause."
-        )
     gm = an.grid_model
     for _, r in gm.iterrows() if not gm.empty else []:
         if not isinstance(r.p, float) or math.isnan(r.p):
             continue
-        if r.get("primary", False):
-            verdict = "has an effect" if r.p_holm < st.ALPHA else "shows no detectable effect"
-            how = f"p = {r.p:.3g}, report-wide Holm {r.p_holm:.3g}; a primary question"
-        else:
-            verdict = "may have an effect" if r.p < st.ALPHA else "shows no detectable effect"
-            how = f"p = {r.p:.3g}, exploratory, uncorrected"
-        out.append(f"Grid model ({r.model}): {r.term} {verdict} (F = {r.F:.3g}, df {r.df}, {how}).")
+        out.append(_term_finding(an, r))
+    comp = an.comparisons
+    if not comp.empty:
+        for fam, g in comp.groupby("family_name", sort=False):
+            k = len(g)
+            up = int((g.mean_diff > 0).sum())
+            top = g.sort_values("mean_diff", ascending=False).iloc[0]
+            where = _where(top, an, exclude=(an.paired_axis,) if an.paired_axis else ())
+            seeds_won, seeds_all = int(g.wins.sum()), int(g.n.sum())
+            if g.b.nunique() == 1:  # one treatment compared within strata
+                text = (
+                    f"Simple effects ({fam}, matched on seed): {top['b']} had the higher mean in "
+                    f"{up} of {k} strata; "
+                )
+            else:  # each level against the baseline
+                text = f"Simple effects ({fam}, matched on seed): {up} of {k} levels had the higher mean; "
+            text += (
+                f"it won {seeds_won} of {seeds_all} seed-matched pairs (these pairs share "
+                "seeds across strata: not independent). The largest difference, "
+                f"{_pts(top.mean_diff)} at {where} (95 % paired-t CI {_pts(top.ci_low)} to "
+                f"{_pts(top.ci_high)}, n = {int(top.n)} seeds, seeds won {int(top.wins)}/"
+                f"{int(top.n)}, exact 95 % CI of the paired P(improvement) "
+                f"{top.win_low:.2f}-{top.win_high:.2f}), "
+            )
+            if top.n < 2 or math.isnan(top.p_t):
+                text += f"is not testable (n = {int(top.n)})."
+            else:
+                text += (
+                    f"{verdict_words(top.verdict, rp)} (p = {_pv(top.p_t)} uncorrected, "
+                    f"{_adj_text(top)}"
+                    + (
+                        f"; TOST p = {_pv(top.p_tost)} against ±{_points(rp.sesoi)}"
+                        if rp.sesoi
+                        else ""
+                    )
+                    + ")."
+                )
+            out.append(text)
+            n_eff = int((g.verdict == "effect").sum())
+            n_eq = int((g.verdict == "equivalent").sum())
+            n_inc = int((g.verdict == "inconclusive").sum())
+            n_not = int((g.verdict == "not tested").sum())
+            out.append(
+                f"Of the {k} simple effects: {n_eff} significant after correction, {n_eq} "
+                f"equivalent within the smallest effect of interest, {n_inc} inconclusive"
+                + (f", {n_not} not tested (gate closed)" if n_not else "")
+                + "."
+            )
+    om = an.omnibus
+    for _, r in om.iterrows() if not om.empty else []:
+        where = ", ".join(f"{a}={r[a]}" for a in an.axes if a != an.primary and a in r)
+        out.append(
+            f"Across {an.primary} ({r.levels} levels, {r.blocks} seeds"
+            f"{', ' + where if where else ''}), accuracy {verdict_words(r.verdict, rp)} "
+            f"({r.test}, p = {_pv(r.p)} uncorrected, {_adj_text(r)}"
+            + (
+                f"; every pair of levels within ±{_points(rp.sesoi)}: TOST p = {_pv(r.p_tost)}"
+                if rp.sesoi
+                else ""
+            )
+            + ")."
+        )
     disp = an.dispersion
     for _, r in disp.iterrows() if not disp.empty else []:
         sds = ", ".join(f"{k}: {100 * v:.2f}" for k, v in r.pooled_sd.items())
-        verdict = "differs" if r.p < st.ALPHA else "shows no detectable difference"
+        verdict = "differs" if r.p < alpha else "is inconclusive (not significant)"
+        gg = f", Greenhouse-Geisser p = {_pv(r.p_gg)}" if np.isfinite(r.p_gg) else ""
         out.append(
-            f"Spread across seeds by {r.axis} (pooled SD in points: {sds}) {verdict} "
-            f"(Brown-Forsythe F = {r.F:.3g}, df {r.df}, p = {r.p:.3g}; exploratory, uncorrected)."
+            f"Spread across seeds by {r.axis} (pooled SD in points: {sds}) {verdict}: seed-level "
+            f"test of each seed's mean absolute deviation, F = {r.F:.3g}, df {r.df}, "
+            f"n = {r.n_seeds} seeds, p = {_pv(r.p)} uncorrected{gg} (exploratory)."
         )
-    comp = an.comparisons
+    co = an.correlations
+    for _, r in co.iterrows() if not co.empty else []:
+        strength = "an association" if r.p < alpha else "an inconclusive result (not significant)"
+        out.append(
+            f"Scale mixing and accuracy ({r.part}; exploratory): {strength} between the final "
+            f"log2 scale ratio and accuracy (Spearman rho = {r.rho:+.2f}, 95 % CI "
+            f"{r.ci_low:+.2f} to {r.ci_high:+.2f}, effective n = {r.n}, p = {_pv(r.p)} "
+            "uncorrected); a correlation, not a cause."
+        )
     if "ex_p_mcnemar" in comp and comp.ex_p_mcnemar.notna().any():
         ex = comp[comp.ex_p_mcnemar.notna()]
         top = ex.loc[ex.ex_diff.abs().idxmax()]
         out.append(
             f"Per test example (second source of evidence; the trained models held fixed): "
-            f"{int((ex.ex_p_mcnemar < st.ALPHA).sum())} of {len(ex)} comparisons differ by "
-            f"McNemar's exact test at {st.ALPHA} (uncorrected); the largest, {top['b']} vs "
+            f"{int((ex.ex_p_mcnemar < alpha).sum())} of {len(ex)} comparisons differ by "
+            f"McNemar's exact test at {alpha:g} (uncorrected); the largest, {top['b']} vs "
             f"{top['a']} at {_where(top, an, exclude=(an.paired_axis,) if an.paired_axis else ())}, "
             f"{_pts(top.ex_diff)} (95 % bootstrap over {int(top.ex_examples)} test examples "
-            f"{100 * top.ex_ci_low:+.1f} to {100 * top.ex_ci_high:+.1f}, p = {top.ex_p_mcnemar:.3g}). "
-            "This is about these trained models on this test set; whether the configuration "
-            "wins again with new seeds is the paired t test's question."
+            f"{100 * top.ex_ci_low:+.1f} to {100 * top.ex_ci_high:+.1f}, McNemar p = "
+            f"{_pv(top.ex_p_mcnemar)} uncorrected). This is about these trained models on this "
+            "test set; whether the configuration wins again with new seeds is the paired t "
+            "test's question."
         )
-    pw = an.power
-    if pw.get("binomial_se_points") is not None:
-        text = (
-            f"Resolution: one run's test accuracy has a binomial standard error of "
-            f"{pw['binomial_se_points']:.1f} points ({pw['test_size']} test examples)"
-        )
-        if pw.get("mde_points") is not None:
-            text += (
-                f"; the paired SD across seeds is {pw['paired_sd_points']:.1f} points, so with "
-                f"{pw['seeds']} seeds the smallest effect detectable with 80 % power is "
-                f"{pw['mde_points']:.1f} points"
-            )
-        if pw.get("seeds_for_1_point") is not None:
-            text += (
-                f"; detecting 1 point needs {pw['seeds_for_1_point']} seeds, 0.5 point "
-                f"{pw['seeds_for_0.5_point']}"
-            )
-        out.append(text + ".")
-    if (sel := selection_cost(runs)) is not None:
-        out.append(sel)
+    out.extend(_resolution(an))
+    out.extend(privacy_findings(an))
     sens = an.sensitivity
     if not sens.empty:
         changed = None  # comparable row by row only when no comparison was lost
         if len(sens) == len(an.comparisons):
-            verdicts = (sens.p_holm < st.ALPHA).values, (an.comparisons.p_holm < st.ALPHA).values
+            verdicts = (
+                (sens.p_holm < alpha).values,
+                (an.comparisons.verdict == "effect").values,
+            )
             changed = int((verdicts[0] != verdicts[1]).sum())
         out.append(
             "Sensitivity: with failed and diverged runs counted as chance accuracy, "
-            f"{int((sens.p_holm < st.ALPHA).sum())} of {len(sens)} comparisons hold after Holm"
-            + (f" ({changed} verdict(s) change)" if changed is not None else "")
+            f"{int((sens.p_holm < alpha).sum())} of {len(sens)} comparisons are significant "
+            "(Holm over the comparisons)"
+            + (
+                f"; {changed} verdict(s) differ from the main analysis"
+                if changed is not None
+                else ""
+            )
             + "."
         )
     return out, warn
+
+
+def _term_finding(an: Analysis, r) -> str:
+    rp = an.plan
+    role = "a primary question" if r.primary else "exploratory"
+    text = f"Grid model ({role}): {r.term} {verdict_words(r.verdict, rp)}"
+    parts = []
+    if "effect" in r and isinstance(r.get("effect"), float) and not math.isnan(r.effect):
+        parts.append(
+            f"effect {_pts(r.effect)}, 95 % CI {_pts(r.effect_low)} to {_pts(r.effect_high)} "
+            f"over {int(r.n_seeds)} seeds"
+        )
+    parts.append(f"F({r.df}) = {r.F:.3g}, p = {_pv(r.p)} uncorrected (sphericity assumed)")
+    if r.df1 > 1:
+        parts.append(
+            f"Greenhouse-Geisser p = {_pv(r.p_gg)} (epsilon {r.eps_gg:.2f}), lower bound "
+            f"p = {_pv(r.p_lb)}"
+        )
+    parts.append(_adj_text(r))
+    crit = f"significance at alpha = {rp.alpha:g} needs F > {r.F_crit:.3g}"
+    if isinstance(r.get("critical_effect"), float) and not math.isnan(r.critical_effect):
+        crit += f", an effect of at least {100 * r.critical_effect:.1f} points"
+    parts.append(crit)
+    if rp.sesoi and not math.isnan(r.p_tost):
+        parts.append(f"equivalence within ±{_points(rp.sesoi)}: TOST p = {_pv(r.p_tost)}")
+    return text + " (" + "; ".join(parts) + ")."
+
+
+def _resolution(an: Analysis) -> list[str]:
+    out = []
+    pw, vc = an.power, an.components
+    if pw.get("binomial_se_points") is not None:
+        out.append(
+            f"Resolution: one run's test accuracy has a binomial standard error of "
+            f"{pw['binomial_se_points']:.1f} points ({pw['test_size']} test examples)."
+        )
+    if vc:
+        text = (
+            f"Variance components ({vc['seeds']} seeds x {vc['configurations']} configurations, "
+            f"SD in points): seed {math.sqrt(vc['seed']):.2f} (shared by a seed's cells, "
+            f"cancels in paired comparisons), seed x configuration "
+            f"{math.sqrt(vc['residual']):.2f}"
+        )
+        if "test_set" in vc:
+            text += (
+                f", of which at most {math.sqrt(vc['test_set']):.2f} is the test set's "
+                "binomial noise"
+            )
+        text += (
+            f". A paired difference's SE over {vc['seeds']} seeds is "
+            f"{vc['se_paired_now']:.2f} points; twice the seeds: {vc['se_paired_2x_seeds']:.2f}"
+        )
+        if "se_paired_4x_test" in vc:
+            text += f"; a test set 4x larger: at best {vc['se_paired_4x_test']:.2f}"
+        out.append(text + ".")
+    if pw.get("mde_points") is not None:
+        a = pw["alpha"]
+        alpha_txt = (
+            f"alpha = {a:.3g} (the plan's {an.plan.alpha:g} over {pw['family_size']} tests, "
+            "the Holm step a lone effect must pass)"
+            if pw["family_size"] > 1
+            else f"alpha = {a:.3g}"
+        )
+        text = (
+            f"Power for {pw['term']}: the SD of its per-seed contrast is "
+            f"{pw['paired_sd_points']:.2f} points (95 % CI {pw['sd_low_points']:.2f} to "
+            f"{pw['sd_high_points']:.2f}, df {pw['seeds'] - 1}); at {alpha_txt}, "
+            f"{pw['seeds']} seeds detect {pw['mde_points']:.1f} points with 80 % power"
+        )
+        for key, val in pw.items():
+            if key.startswith("seeds_for_") and not key.endswith("range"):
+                pts = key[len("seeds_for_") : -len("_point")]
+                lo, hi = pw[key + "_range"]
+                text += (
+                    f"; {pts} point{'s' if pts != '1' else ''} needs {_n(val)} seeds "
+                    f"({_n(lo)} to {_n(hi)} over the SD's interval)"
+                )
+        out.append(text + ".")
+    return out
+
+
+def _n(v) -> str:
+    return "> 10^7" if v is None else f"{v:,}"
+
+
+def privacy_findings(an: Analysis) -> list[str]:
+    """The privacy of the grid as a whole (privacy.grid), and what choosing a cell costs."""
+    gp = an.grid_privacy
+    if gp is None:
+        return []
+    text = str(getattr(gp, "text", "") or "")
+    return [
+        f"Privacy of the whole grid: {text}" if text else "Privacy of the whole grid: unknown.",
+        SELECTION_ADVICE,
+    ]
+
+
+SELECTION_ADVICE = (
+    "Choosing among models trained on private data costs privacy whatever data scores the "
+    "choice (a public validation set included): the choice is a function of every model, so "
+    "it is covered only by the grid's joint guarantee, not by one run's epsilon. To spend one "
+    "run's budget, tune on public or proxy data and train once privately, or use a DP tuning "
+    "procedure (e.g. Papernot & Steinke 2022: a random number of runs, only the best released)."
+)
 
 
 def _where(row, an: Analysis, exclude=()) -> str:

@@ -76,9 +76,12 @@ def _diag_summary(df: pd.DataFrame) -> dict:
 
 
 def collect(grid_dir) -> tuple[pd.DataFrame, dict]:
-    """(runs, plan). Raises ConfigError when the directory has no finished run."""
+    """(runs, plan). ``plan`` is grid.json with, under ``analysis_plan``, the fixed
+    analysis plan (analysis-plan.json; None for grids made before plans were fixed).
+    Raises ConfigError when the directory has no finished run."""
     gd = GridDir(grid_dir)
     plan = gd.plan()
+    plan["analysis_plan"] = gd.analysis_plan()
     axes = list(plan["grid"]["axes"])
     rows = []
     for c in plan["cells"]:
@@ -138,7 +141,8 @@ def configuration_key(config: dict) -> str | None:
 
 
 def learning_curves(runs: pd.DataFrame) -> pd.DataFrame:
-    """Every evaluation of every finished run (epochs.csv): id, step, epsilon_spent, test_acc."""
+    """Every evaluation of every finished run (epochs.csv): id, step, epsilon_spent,
+    test_acc and, where the run kept an EMA, test_acc_ema."""
     parts = []
     for cid, d in runs.loc[runs.status == "done", ["id", "run_dir"]].itertuples(index=False):
         try:
@@ -146,7 +150,7 @@ def learning_curves(runs: pd.DataFrame) -> pd.DataFrame:
         except (FileNotFoundError, pd.errors.EmptyDataError):
             continue
         df = df.rename(columns={"epsilon": "epsilon_spent"})  # never an epsilon axis
-        cols = [c for c in ("step", "epsilon_spent", "test_acc") if c in df]
+        cols = [c for c in ("step", "epsilon_spent", "test_acc", "test_acc_ema") if c in df]
         if "step" in cols and "test_acc" in cols:
             parts.append(df[cols].assign(id=cid))
     if not parts:

@@ -1,12 +1,14 @@
 """``scalemix report DIR1 DIR2 ...``: configurations shared by several grids, side by side.
 
 Two cells of different grids are the same configuration when their resolved training
-configurations agree in everything but the seed (``collect.configuration_key``). For each
-shared configuration the comparison gives, per grid, n, the mean and its 95 % t interval,
-and between grids the difference in means with Welch's t test (different grids are
-different experiments: unpaired). Runs with the same seed and the same seeded streams are
-the same computation: where the grids hold such a pair, their difference is a
-reproducibility check and is reported as such.
+configurations agree in everything but the seed (``collect.configuration_key``).
+
+Two grids that run one configuration run the *same experiment*: a difference between
+them is seed noise (or a change of code or hardware), never a treatment, so nothing is
+tested between grids. A seed both grids ran with seeded streams is the same computation:
+the two runs are compared as a reproduction (bit-identical, or the gap), not as evidence.
+The configuration's result is then given once, over the distinct seeds of all the grids
+(each seed counted once: a reproduced run is not a second seed), with its t interval.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from scalemix.errors import ConfigError
 from scalemix.report import stats as st
@@ -28,8 +29,10 @@ def _label(row, axes: list[str]) -> str:
     return ", ".join(f"{a}={row[a]}" for a in axes) or "(base)"
 
 
-def shared_configurations(grid_dirs: list) -> tuple[pd.DataFrame, pd.DataFrame, list[dict]]:
-    """(per grid and configuration, between-grid differences, the grids' descriptions)."""
+def shared_configurations(grid_dirs: list):
+    """(per grid and configuration; per pair of grids and configuration, the reproductions
+    at the seeds both ran; per configuration, the result over its distinct seeds; the
+    grids' descriptions)."""
     frames, grids = [], []
     for d in grid_dirs:
         runs, plan = collect(d)
@@ -46,7 +49,8 @@ def shared_configurations(grid_dirs: list) -> tuple[pd.DataFrame, pd.DataFrame, 
     runs = pd.concat(frames, ignore_index=True)
     runs = runs[runs.config_key.notna()]
     in_grids = runs.groupby("config_key").grid.nunique()
-    shared = runs[runs.config_key.isin(in_grids[in_grids >= 2].index)]
+    shared = runs[runs.config_key.isin(in_grids[in_grids >= 2].index)].copy()
+    shared["seed"] = shared.seed.astype(int)
     if shared.empty:
         raise ConfigError(
             "these grids share no configuration (every cell differs in some setting besides "
@@ -75,26 +79,66 @@ def shared_configurations(grid_dirs: list) -> tuple[pd.DataFrame, pd.DataFrame, 
     diffs = []
     for key, g in per_grid.groupby("configuration", sort=False):
         for (_, a), (_, b) in itertools.combinations(g.iterrows(), 2):
-            va, vb = np.array(list(a["values"].values())), np.array(list(b["values"].values()))
-            p = (
-                float(stats.ttest_ind(vb, va, equal_var=False).pvalue)
-                if len(va) >= 2 and len(vb) >= 2 and (va.std() > 0 or vb.std() > 0)
-                else math.nan
-            )
             same = sorted(set(a["values"]) & set(b["values"]))
-            gap = max((abs(a["values"][s] - b["values"][s]) for s in same), default=math.nan)
+            gaps = [abs(a["values"][s] - b["values"][s]) for s in same]
+            sub = shared[shared.config_key == key]
+            ra = sub[sub.grid == a["grid"]].set_index("seed")
+            rb = sub[sub.grid == b["grid"]].set_index("seed")
+            identical = [s for s in same if _bit_identical(ra.loc[s], rb.loc[s])]
             diffs.append(
                 {
                     "configuration": key,
                     "a": a["grid"],
                     "b": b["grid"],
-                    "diff": float(vb.mean() - va.mean()),
-                    "p_welch": p,
                     "same_seeds": len(same),
-                    "max_gap_same_seed": gap,
+                    "bit_identical": len(identical),
+                    "max_gap_same_seed": max(gaps, default=math.nan),
+                    "only_in_a": len(set(a["values"]) - set(b["values"])),
+                    "only_in_b": len(set(b["values"]) - set(a["values"])),
+                    "reproduced": bool(same) and len(identical) == len(same),
                 }
             )
-    return per_grid, pd.DataFrame(diffs), grids
+    pooled = []
+    for key, g in shared.groupby("config_key", sort=False):
+        by_seed = g.drop_duplicates(subset=["seed"])  # a reproduced run is not a new seed
+        s = st.describe(by_seed.test_acc.astype(float))
+        pooled.append(
+            {
+                "configuration": key,
+                "grids": ", ".join(dict.fromkeys(g.grid)),
+                "runs": len(g),
+                "distinct_seeds": s.n,
+                "mean": s.mean,
+                "ci_low": s.ci_low,
+                "ci_high": s.ci_high,
+                "ci_cut": s.ci_cut,
+                "ci_method": s.ci_method,
+            }
+        )
+    return per_grid, pd.DataFrame(diffs), pd.DataFrame(pooled), grids
+
+
+RESULT_FIELDS = ("test_acc", "test_acc_ema", "test_loss", "steps", "epsilon_spent")
+
+
+def _bit_identical(a, b) -> bool:
+    """Two runs of one seed agree to the last bit in every result they both report (and in
+    their per-example predictions where both stored them)."""
+    import numpy as np
+
+    from scalemix.report.collect import test_outcomes
+
+    for f in RESULT_FIELDS:
+        va, vb = a.get(f), b.get(f)
+        if va is None or vb is None or (isinstance(va, float) and math.isnan(va)):
+            continue
+        if va != vb:
+            return False
+    if "run_dir" in a and "run_dir" in b:
+        oa, ob = test_outcomes(a["run_dir"]), test_outcomes(b["run_dir"])
+        if oa is not None and ob is not None and not np.array_equal(oa[0], ob[0]):
+            return False
+    return True
 
 
 def compare_grids(grid_dirs: list, out_pdf=None, *, log=print) -> Path:
@@ -108,7 +152,7 @@ def compare_grids(grid_dirs: list, out_pdf=None, *, log=print) -> Path:
     from scalemix.report import _md_table, code_version
     from scalemix.report.pdf import A4, _table_page, _text_page
 
-    per_grid, diffs, grids = shared_configurations(grid_dirs)
+    per_grid, diffs, pooled, grids = shared_configurations(grid_dirs)
     first = Path(grid_dirs[0])
     pdf_path = (
         Path(out_pdf)
@@ -118,15 +162,17 @@ def compare_grids(grid_dirs: list, out_pdf=None, *, log=print) -> Path:
     folder = pdf_path.parent
     folder.mkdir(parents=True, exist_ok=True)
     per_grid.drop(columns=["values"]).to_csv(folder / "shared.csv", index=False)
-    diffs.to_csv(folder / "differences.csv", index=False)
+    diffs.to_csv(folder / "reproductions.csv", index=False)
+    pooled.to_csv(folder / "pooled.csv", index=False)
     show = pd.DataFrame(
         {
             "configuration": per_grid.configuration,
             "grid": per_grid.grid,
             "cell in that grid": per_grid.cell,
-            "n": per_grid.n,
-            "mean %": per_grid["mean"].map(lambda v: f"{100 * v:.1f}"),
-            "95% CI": [
+            "n (seeds)": per_grid.n,
+            "seeds": per_grid.seeds.map(lambda v: ", ".join(map(str, v))),
+            "mean (%)": per_grid["mean"].map(lambda v: f"{100 * v:.1f}"),
+            "95% CI (%)": [
                 "" if math.isnan(lo) else f"{100 * lo:.1f}-{100 * hi:.1f}"
                 for lo, hi in zip(per_grid.ci_low, per_grid.ci_high)
             ],
@@ -136,16 +182,40 @@ def compare_grids(grid_dirs: list, out_pdf=None, *, log=print) -> Path:
     show_d = pd.DataFrame(
         {
             "configuration": diffs.configuration,
-            "b vs a": diffs.b + " vs " + diffs.a,
-            "diff (pts)": diffs["diff"].map(lambda v: f"{100 * v:+.2f}"),
-            "p (Welch), uncorr.": diffs.p_welch.map(lambda v: "" if math.isnan(v) else f"{v:.3g}"),
-            "same seeds": diffs.same_seeds,
+            "grids": diffs.b + " / " + diffs.a,
+            "seeds in both (runs)": diffs.same_seeds,
+            "bit-identical (runs)": diffs.bit_identical,
             "largest gap at a shared seed (pts)": diffs.max_gap_same_seed.map(
                 lambda v: "" if math.isnan(v) else f"{100 * v:.2f}"
             ),
+            "seeds only in one grid": [
+                f"{a} / {b}" for a, b in zip(diffs.only_in_b, diffs.only_in_a)
+            ],
+            "reproduction": [
+                ("reproduced (same computation)" if r else "NOT reproduced")
+                if s
+                else "no shared seed"
+                for r, s in zip(diffs.reproduced, diffs.same_seeds)
+            ],
         }
     )
-    (folder / "shared.md").write_text(_md_table(show) + "\n" + _md_table(show_d))
+    show_p = pd.DataFrame(
+        {
+            "configuration": pooled.configuration,
+            "grids": pooled.grids,
+            "runs": pooled.runs,
+            "n (distinct seeds)": pooled.distinct_seeds,
+            "mean (%)": pooled["mean"].map(lambda v: f"{100 * v:.1f}"),
+            "95% CI (%)": [
+                "" if math.isnan(lo) else f"{100 * lo:.1f}-{100 * hi:.1f}" + ("^" if c else "")
+                for lo, hi, c in zip(pooled.ci_low, pooled.ci_high, pooled.ci_cut)
+            ],
+            "CI method": pooled.ci_method,
+        }
+    )
+    (folder / "shared.md").write_text(
+        _md_table(show) + "\n" + _md_table(show_d) + "\n" + _md_table(show_p)
+    )
     tmp = pdf_path.with_name(f".{pdf_path.name}.tmp")
     with PdfPages(tmp) as pdf:
         _text_page(
@@ -156,11 +226,25 @@ def compare_grids(grid_dirs: list, out_pdf=None, *, log=print) -> Path:
                 + "; ".join(f"{g['name']} ({g['runs']} finished runs, {g['dir']})" for g in grids),
                 f"Configurations shared by two or more grids: {per_grid.configuration.nunique()} "
                 "(same resolved training configuration except the seed).",
-                "Between grids the runs are different experiments: differences are tested with "
-                "Welch's t test (unpaired), uncorrected. Where two grids ran the same seed of the "
-                "same configuration with seeded streams, the runs are the same computation: the "
-                "largest gap at a shared seed is a reproducibility check (0 on the same hardware "
-                "and software).",
+                "Two grids that run one configuration run the same experiment: a difference "
+                "between them is seed noise, not a treatment, so nothing is tested between "
+                "grids. A seed both grids ran (seeded streams) is the same computation: the "
+                "two runs are a reproduction, bit-identical on the same hardware and software, "
+                "and count as one seed. Each configuration's result is given once, over its "
+                "distinct seeds.",
+                *[
+                    f"Configuration {r.configuration}: {r.same_seeds} seed(s) in both "
+                    f"{r.a} and {r.b}, {r.bit_identical} bit-identical"
+                    + (
+                        " (reproduced)"
+                        if r.reproduced
+                        else f", largest gap {100 * r.max_gap_same_seed:.2f} points (NOT reproduced)"
+                        if r.same_seeds
+                        else ""
+                    )
+                    + "."
+                    for r in diffs.itertuples()
+                ],
                 f"Made with scalemix {code_version()}.",
             ],
         )
@@ -184,7 +268,21 @@ def compare_grids(grid_dirs: list, out_pdf=None, *, log=print) -> Path:
         pdf.savefig(fig)
         plt.close(fig)
         _table_page(pdf, "Shared configurations per grid", show)
-        _table_page(pdf, "Between grids", show_d)
+        _table_page(
+            pdf,
+            "Reproductions: the seeds both grids ran",
+            show_d,
+            "Runs of one configuration and seed in two grids are the same computation; "
+            "bit-identical: every reported result (and the per-example predictions where "
+            "stored) equal to the last bit.",
+        )
+        _table_page(
+            pdf,
+            "Each shared configuration over its distinct seeds",
+            show_p,
+            "Every seed counted once, whichever grids ran it; t interval over the seeds; "
+            "^: cut at 100 %.",
+        )
     tmp.replace(pdf_path)
     log(
         f"comparison of {len(grids)} grids: {per_grid.configuration.nunique()} shared configurations -> {pdf_path}"

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from scalemix.report.analysis import SCALE_SUMMARY, Analysis
-from scalemix.report.stats import ALPHA, describe
+from scalemix.report.stats import describe
 
 A4 = (8.27, 11.69)
 
@@ -63,69 +63,174 @@ def _save(pdf, fig) -> None:
     plt.close(fig)
 
 
-def _band(ax, per_seed: pd.DataFrame, x: str, y: str, style: dict, label: str) -> None:
-    """Mean over seeds as a line, the range over seeds as a band."""
-    by = per_seed.groupby(x)[y]
-    mean, lo, hi = by.mean(), by.min(), by.max()
-    ax.plot(
-        mean.index,
-        mean.values,
-        color=style["color"],
-        linestyle=style["linestyle"],
-        lw=1.3,
-        label=label,
+def _per_seed(ax, per_seed: pd.DataFrame, x: str, y: str, style: dict, label: str) -> None:
+    """One thin line with markers per run (one seed of the configuration): every seed
+    visible, none summarised away by a band."""
+    first = True
+    for _, g in per_seed.groupby("id", sort=False):
+        g = g.sort_values(x)
+        ax.plot(
+            g[x].values,
+            g[y].values,
+            color=style["color"],
+            linestyle=style["linestyle"],
+            marker=style["marker"],
+            markersize=2.5,
+            lw=0.7,
+            alpha=0.8,
+            label=label if first else None,
+        )
+        first = False
+
+
+def _legend(ax, n: int) -> None:
+    """A legend below the axes, readable (8 pt), in as many columns as fit."""
+    ax.legend(
+        fontsize=8,
+        ncol=min(4, max(1, n // 4 + 1)),
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.18),
+        frameon=False,
     )
-    ax.fill_between(mean.index, lo.values, hi.values, color=style["color"], alpha=0.15, lw=0)
+
+
+def _mark_cuts(ax, x, lo, hi, cuts) -> None:
+    """A small triangle at the end of an interval that was cut at 0 or 100 %."""
+    for xi, lo_i, h, c in zip(x, lo, hi, cuts):
+        if c in ("high", "both"):
+            ax.plot([xi], [100 * h], marker="^", color="firebrick", markersize=6, zorder=4)
+        if c in ("low", "both"):
+            ax.plot([xi], [100 * lo_i], marker="v", color="firebrick", markersize=6, zorder=4)
 
 
 def accuracy_page(pdf, an: Analysis, plan: dict) -> None:
+    """Accuracy against each axis. The primary axis with a paired axis: each cell's mean
+    with its t interval over seeds, and each seed as a thin line. Every other view: each
+    level's mean of seed means with the t interval over them (n = seeds), each seed's mean
+    over the other axes as a thin line. A red triangle marks an interval cut at 100 %."""
     import matplotlib.pyplot as plt
 
     cells = an.cells
     axes = an.axes
-    n_plots = len(axes)
-    fig, axs = plt.subplots(n_plots, 1, figsize=A4, squeeze=False)
+    done = an.runs[an.runs.status == "done"]
+    fig, axs = plt.subplots(len(axes), 1, figsize=A4, squeeze=False)
     for ax, axis in zip(axs[:, 0], axes):
         levels = list(plan["grid"]["axes"][axis])
         x = np.arange(len(levels))
         hue = an.paired_axis if axis == an.primary and an.paired_axis else None
         if hue:
-            done = an.runs[an.runs.status == "done"]
+            others = [a for a in axes if a not in (axis, hue)]
             for j, h in enumerate(plan["grid"]["axes"][hue]):
                 sub = cells[cells[hue] == h]
                 shift = x + (j - 0.5) * 0.12
-                _errorbars(ax, sub, axis, levels, shift, f"{hue}={h}")
-                for i, lvl in enumerate(levels):
-                    pts = done[(done[axis] == lvl) & (done[hue] == h)][an.metric].astype(float)
-                    ax.scatter(np.full(len(pts), shift[i]), 100 * pts, s=8, color="grey", alpha=0.6)
+                _errorbars(ax, sub, axis, levels, shift, f"{hue}={h}: mean, 95 % t CI")
+                runs_h = done[done[hue] == h]
+                per = runs_h.groupby(["seed", axis])[an.metric].mean().unstack(axis)
+                for seed, row in per.iterrows():
+                    vals = [row.get(lvl, np.nan) for lvl in levels]
+                    ax.plot(
+                        shift,
+                        100 * np.asarray(vals, dtype=float),
+                        lw=0.6,
+                        marker="o" if j == 0 else "^",
+                        markersize=2.5,
+                        color="grey",
+                        alpha=0.6,
+                        linestyle="--" if j == 0 else "-",
+                        label="one seed" + (f" (mean over {', '.join(others)})" if others else "")
+                        if (j == 0 and seed == per.index[0])
+                        else None,
+                    )
         else:
-            done = an.runs[an.runs.status == "done"]
-            rows = [describe(done[done[axis] == lvl][an.metric].astype(float)) for lvl in levels]
-            m = np.array([r.mean for r in rows])
-            lo = np.array([r.ci_low for r in rows])
-            hi = np.array([r.ci_high for r in rows])
+            marg = an.marginals[an.marginals.axis == axis] if not an.marginals.empty else None
+            if marg is None or marg.empty:
+                continue
+            by = {lvl: r for lvl, r in zip(marg.level, marg.itertuples())}
+            m = np.array([by[lvl].mean if lvl in by else np.nan for lvl in levels])
+            lo = np.array([by[lvl].ci_low if lvl in by else np.nan for lvl in levels])
+            hi = np.array([by[lvl].ci_high if lvl in by else np.nan for lvl in levels])
+            cut = [by[lvl].ci_cut if lvl in by else "" for lvl in levels]
+            n = int(marg.seeds.min())
             ax.errorbar(
                 x,
                 100 * m,
                 yerr=100 * _yerr(m, lo, hi),
                 fmt="o-",
                 capsize=4,
-                label="mean over all other axes and seeds",
+                zorder=3,
+                label=f"mean of seed means, 95 % t CI over {n} seeds",
             )
-            for i, lvl in enumerate(levels):
-                pts = done[done[axis] == lvl][an.metric].astype(float)
-                ax.scatter(np.full(len(pts), x[i]) + 0.08, 100 * pts, s=8, color="grey", alpha=0.6)
+            _mark_cuts(ax, x, lo, hi, cut)
+            seeds = sorted({s for r in marg.itertuples() for s in range(len(r.seed_means))})
+            for k in seeds:  # each seed's mean over the other axes, level by level
+                vals = [
+                    by[lvl].seed_means[k] if lvl in by and k < len(by[lvl].seed_means) else np.nan
+                    for lvl in levels
+                ]
+                ax.plot(
+                    x + 0.06,
+                    100 * np.asarray(vals, dtype=float),
+                    lw=0.6,
+                    marker="o",
+                    markersize=2.5,
+                    color="grey",
+                    alpha=0.7,
+                    label="one seed (mean over the other axes)" if k == seeds[0] else None,
+                )
+        if hue:
+            _mark_cuts(
+                ax,
+                np.concatenate([x + (j - 0.5) * 0.12 for j in range(2)]),
+                np.concatenate(
+                    [
+                        _cell_stat(cells, hue, h, axis, levels, "ci_low")
+                        for h in plan["grid"]["axes"][hue]
+                    ]
+                ),
+                np.concatenate(
+                    [
+                        _cell_stat(cells, hue, h, axis, levels, "ci_high")
+                        for h in plan["grid"]["axes"][hue]
+                    ]
+                ),
+                sum(
+                    (
+                        list(_cell_cut(cells, hue, h, axis, levels))
+                        for h in plan["grid"]["axes"][hue]
+                    ),
+                    [],
+                ),
+            )
         ax.set_xticks(x, [str(v) for v in levels])
         ax.set_xlabel(axis)
-        ax.set_ylabel("test accuracy (%)")
+        ax.set_ylabel(f"{'EMA ' if an.metric == 'test_acc_ema' else ''}test accuracy (%)")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.suptitle(
-        "Accuracy against each axis (mean, 95 % t CI over seeds; grey: single runs)", fontsize=11
+        f"{an.metric_label[0].upper() + an.metric_label[1:]} against each axis: the seed is the "
+        "unit\n(intervals over seeds; thin grey lines: single seeds; red triangle: interval "
+        "cut at 100 %)",
+        fontsize=10,
     )
     fig.tight_layout()
     pdf.savefig(fig)
     plt.close(fig)
+
+
+def _cell_stat(cells, hue, h, axis, levels, col):
+    sub = cells[cells[hue] == h].groupby(axis)[col].mean()
+    return np.array([sub.get(lvl, np.nan) for lvl in levels], dtype=float)
+
+
+def _cell_cut(cells, hue, h, axis, levels):
+    if "ci_cut" not in cells:
+        return [""] * len(levels)
+    sub = cells[cells[hue] == h]
+    out = []
+    for lvl in levels:
+        c = sub[sub[axis] == lvl]["ci_cut"]
+        out.append("high" if (c == "high").any() or (c == "both").any() else "")
+    return out
 
 
 def _yerr(m, lo, hi):
@@ -167,7 +272,7 @@ def differences_page(pdf, an: Analysis) -> None:
     y = np.arange(len(comp))[::-1]
     m = comp.mean_diff.values * 100
     err = _yerr(comp.mean_diff.values, comp.ci_low.values, comp.ci_high.values) * 100
-    sig = comp.p_holm.values < ALPHA
+    sig = (comp.verdict == "effect").values
     ax.errorbar(m, y, xerr=err, fmt="none", ecolor="grey", capsize=3)
     if "diffs" in comp:  # each seed's difference, as a dot on its row
         for yi, ds in zip(y, comp.diffs):
@@ -180,13 +285,24 @@ def differences_page(pdf, an: Analysis) -> None:
                 zorder=2,
                 label="one seed" if yi == y[0] else None,
             )
-    ax.scatter(m[sig], y[sig], color="firebrick", zorder=3, label=f"Holm p < {ALPHA}")
-    ax.scatter(m[~sig], y[~sig], color="steelblue", zorder=3, label="not significant")
+    equiv = (comp.verdict == "equivalent").values
+    rest = ~sig & ~equiv
+    ax.scatter(
+        m[sig], y[sig], color="firebrick", zorder=3, label="significant (as the plan corrects)"
+    )
+    if equiv.any():
+        ax.scatter(m[equiv], y[equiv], color="seagreen", zorder=3, label="equivalent (TOST)")
+    ax.scatter(m[rest], y[rest], color="steelblue", zorder=3, label="inconclusive")
+    if an.plan.sesoi:
+        for v in (-an.plan.sesoi, an.plan.sesoi):
+            ax.axvline(v, color="seagreen", lw=0.8, ls=":")
     ax.axvline(0, color="black", lw=0.8)
     ax.set_yticks(y, labels, fontsize=8)
     ax.set_xlabel(
-        "difference b - a (points); bar: 95 % paired-t CI\n"
-        "(the t test's own interval); colour: report-wide Holm;\ndots: each seed's difference"
+        "difference b - a (points); bar: 95 % paired-t CI over seeds (the t test's\n"
+        "own interval); colour: the verdict under the analysis plan;\ndots: each seed's "
+        "difference" + ("; dotted: ± the smallest effect of interest" if an.plan.sesoi else ""),
+        fontsize=9,
     )
     ax.set_title("Paired differences (matched on seed)")
     ax.legend(fontsize=8)
@@ -238,7 +354,7 @@ def spp_page(pdf, an: Analysis) -> None:
     from matplotlib.ticker import MaxNLocator
 
     axs[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
-    axs[0].legend(fontsize=6, ncol=2)
+    axs[0].legend(fontsize=7, ncol=2)
     fig.suptitle(
         "Signal propagation at initialisation, N(0, 1) input, per configuration", fontsize=11
     )
@@ -248,7 +364,7 @@ def spp_page(pdf, an: Analysis) -> None:
 
 
 def trajectory_page(pdf, an: Analysis, traj: pd.DataFrame) -> None:
-    """Scale ratio per block against step: mean over seeds, band = range over seeds."""
+    """Scale ratio per block against step: one thin line with markers per seed."""
     import matplotlib.pyplot as plt
 
     if traj.empty:
@@ -261,12 +377,12 @@ def trajectory_page(pdf, an: Analysis, traj: pd.DataFrame) -> None:
         tb = traj[traj.block == block]
         for cell, g in look.configurations(tb):
             if not g.empty:
-                _band(ax, g, "step", "value", look.of(cell), look.label(cell))
+                _per_seed(ax, g, "step", "value", look.of(cell), look.label(cell))
         ax.set_title(block, fontsize=10, loc="left")
         ax.set_ylabel("log2 rms(branch) / rms(skip)", fontsize=8)
         ax.grid(alpha=0.3)
     axs[-1, 0].set_xlabel("step")
-    axs[0, 0].legend(fontsize=6, ncol=2, loc="best", framealpha=0.6)
+    _legend(axs[-1, 0], len(an.cells))
     source = set(traj.source)
     note = (
         "read from training batches: NOT covered by DP"
@@ -274,7 +390,7 @@ def trajectory_page(pdf, an: Analysis, traj: pd.DataFrame) -> None:
         else "read from a held-out probe batch"
     )
     fig.suptitle(
-        f"Scale ratio per block ({note})\nline: mean over seeds; band: range over seeds; "
+        f"Scale ratio per block ({note})\nthin lines: one seed each; "
         "0 would be branch and skip at the same scale",
         fontsize=10,
     )
@@ -282,10 +398,12 @@ def trajectory_page(pdf, an: Analysis, traj: pd.DataFrame) -> None:
 
 
 def learning_curves_page(pdf, an: Analysis, curves: pd.DataFrame) -> None:
-    """Test accuracy at every evaluation against step and against the epsilon spent."""
+    """The plan's metric at every evaluation against step and against the epsilon spent:
+    one thin line with markers per run (seed)."""
     import matplotlib.pyplot as plt
 
-    if curves.empty or curves.groupby("id").size().max() < 2:
+    col = an.metric if an.metric in curves else "test_acc"
+    if curves.empty or col not in curves or curves.groupby("id").size().max() < 2:
         return
     look = Look(an)
     curves = curves.join(an.runs.set_index("id")[an.axes], on="id")
@@ -293,20 +411,22 @@ def learning_curves_page(pdf, an: Analysis, curves: pd.DataFrame) -> None:
     fig, axs = plt.subplots(2 if has_eps else 1, 1, figsize=A4, squeeze=False)
     for ax, x, xlabel in (
         (axs[0, 0], "step", "step"),
-        *([(axs[1, 0], "epsilon_spent", "epsilon spent (accountant)")] if has_eps else []),
+        *([(axs[1, 0], "epsilon_spent", "epsilon spent (accountant, one run)")] if has_eps else []),
     ):
         for cell, g in look.configurations(curves):
-            g = g.dropna(subset=[x])
+            g = g.dropna(subset=[x, col])
             if not g.empty:
-                g = g.assign(test_acc=100 * g.test_acc.astype(float))
-                _band(ax, g, x, "test_acc", look.of(cell), look.label(cell))
+                g = g.assign(acc=100 * g[col].astype(float))
+                _per_seed(ax, g, x, "acc", look.of(cell), look.label(cell))
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("test accuracy (%)")
+        ax.set_ylabel(f"{'EMA ' if col == 'test_acc_ema' else ''}test accuracy (%)")
         ax.grid(alpha=0.3)
-    axs[0, 0].legend(fontsize=6, ncol=2, framealpha=0.6)
+    _legend(axs[-1, 0], len(an.cells))
+    evals = int(curves.groupby("id").size().median())
     fig.suptitle(
-        "Learning curves: test accuracy at each evaluation\n"
-        "line: mean over seeds; band: range over seeds",
+        f"Learning curves: test accuracy ({'EMA' if col == 'test_acc_ema' else 'raw'} weights) "
+        f"at each evaluation ({evals} per run)\n"
+        "thin lines: one seed each (colour: configuration; dashed: the paired axis' first level)",
         fontsize=10,
     )
     _save(pdf, fig)
@@ -339,15 +459,18 @@ def scale_vs_accuracy_page(pdf, an: Analysis) -> None:
         )
     parts = []
     for _, r in an.correlations.iterrows():
-        parts.append(f"{r.part}: rho {r.rho:+.2f} [{r.ci_low:+.2f}, {r.ci_high:+.2f}], n = {r.n}")
+        parts.append(
+            f"{r.part}: rho {r.rho:+.2f} [{r.ci_low:+.2f}, {r.ci_high:+.2f}], n_eff = {r.n}"
+        )
     ax.set_xlabel("final log2 scale ratio (mean over blocks)")
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel(f"{'EMA ' if an.metric == 'test_acc_ema' else ''}test accuracy (%)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, ncol=2, framealpha=0.6)
+    ax.legend(fontsize=7, ncol=2, framealpha=0.6)
     ax.set_title(
         "Scale mixing against accuracy: small = one run, large = configuration mean\n"
         + "\n".join(parts)
-        + "\n(Spearman, exploratory; between = configuration means, within = seed deviations)",
+        + "\n(Spearman, exploratory; between = configuration means, within = two-way "
+        "residuals: configuration and seed removed)",
         fontsize=9,
     )
     _save(pdf, fig)
@@ -376,13 +499,14 @@ def dispersion_page(pdf, an: Analysis) -> None:
     ax.set_xticks(x, [look.label(c).replace(", ", "\n") for _, c in cells.iterrows()], fontsize=6)
     ax.set_ylabel("SD of test accuracy across seeds (points)")
     tests = "; ".join(
-        f"{r.axis}: Brown-Forsythe F = {r.F:.2g}, p = {r.p:.2g}"
-        for _, r in an.dispersion.iterrows()
+        f"{r.axis}: F({r.df}) = {r.F:.2g}, p = {r.p:.2g}" for _, r in an.dispersion.iterrows()
     )
     ax.set_title(
         "Stability: spread across seeds per configuration"
         + (" (hatched: " + f"{an.paired_axis}={look.paired_levels[0]})" if an.paired_axis else "")
-        + f"\n{tests} (exploratory, uncorrected)",
+        + f"\nseed-level test (each seed's mean absolute deviation, levels compared within "
+        f"seed, n = {int(an.dispersion.n_seeds.iloc[0])} seeds):\n{tests} (exploratory, "
+        "uncorrected)",
         fontsize=9,
     )
     ax.grid(alpha=0.3, axis="y")

@@ -9,21 +9,38 @@ import time
 import pandas as pd
 
 from scalemix.report import figures
-from scalemix.report.analysis import Analysis, privacy_settings
+from scalemix.report.analysis import SELECTION_ADVICE, Analysis, privacy_settings
 
 A4 = (8.27, 11.69)
 LANDSCAPE = (11.69, 8.27)
 
-CAVEATS = [
-    "Choosing a configuration from these results spends privacy that the reported epsilon does "
-    "not count: every run saw the same private training data, so the selected model's guarantee "
-    "is weaker than the epsilon of one run (Papernot & Steinke 2022). Select on public data, or "
-    "account for the selection.",
-    "Diagnostics read from training batches (source = train: scale ratios, gradient norms, clip "
-    "fractions, SNR) are computed from private examples without noise and are NOT covered by "
-    "the DP guarantee. Do not publish them as private.",
-    "Accuracy is each run's final test accuracy, never its best epoch.",
-]
+DIAGNOSTICS_CAVEAT = (
+    "Diagnostics read from training batches (source = train: scale ratios, gradient norms, "
+    "clip fractions, SNR) are computed from private examples without noise and are NOT "
+    "covered by the DP guarantee. Do not publish them as private."
+)
+
+
+def caveats(an: Analysis) -> list[str]:
+    """The caveats page: the grid's joint privacy (or its stated absence), what choosing a
+    configuration costs, the diagnostics, the metric, the test set."""
+    gp = an.grid_privacy
+    if gp is None:
+        priv = (
+            "The joint privacy of the grid was not computed for this report (no grid "
+            "directory): every run saw the same private data, so the runs together are not "
+            "covered by one run's epsilon."
+        )
+    else:
+        priv = f"Privacy of everything the grid published: {gp.text}"
+    return [
+        priv,
+        SELECTION_ADVICE,
+        DIAGNOSTICS_CAVEAT,
+        f"The metric is each run's {an.metric_label}, never its best epoch.",
+        "Every accuracy is measured on the test set, and the best configuration is chosen on "
+        "it (the grid has no validation split): its accuracy is an optimistic estimate.",
+    ]
 
 
 def _text_page(pdf, title: str, paragraphs: list[str], size=A4) -> None:
@@ -34,6 +51,7 @@ def _text_page(pdf, title: str, paragraphs: list[str], size=A4) -> None:
     y = 0.91
     for para in paragraphs:
         bullet = para.startswith("- ")
+        heading = para.endswith(":") and len(para) < 60
         lines = textwrap.wrap(para, 92 if size == A4 else 130)
         for i, line in enumerate(lines):
             fig.text(
@@ -43,8 +61,14 @@ def _text_page(pdf, title: str, paragraphs: list[str], size=A4) -> None:
                 fontsize=9.5,
                 va="top",
                 family="DejaVu Sans",
+                weight="bold" if heading else "normal",
             )
             y -= 0.019
+            if y < 0.05 and i < len(lines) - 1:
+                pdf.savefig(fig)
+                plt.close(fig)
+                fig = plt.figure(figsize=size)
+                y = 0.95
         y -= 0.012
         if y < 0.05:
             pdf.savefig(fig)
@@ -55,48 +79,60 @@ def _text_page(pdf, title: str, paragraphs: list[str], size=A4) -> None:
     plt.close(fig)
 
 
-def _title_page(pdf, an: Analysis, plan: dict, version: str) -> None:
+def title_lines(an: Analysis, plan: dict, version: str) -> list[str]:
+    """The title page's paragraphs: what was run (the preset, as run), the analysis plan
+    as fixed, privacy, runs and compute; the grid's full study last, when a preset ran."""
     runs = an.runs
     c = runs.status.value_counts().to_dict()
     priv = privacy_settings(runs)
-    secs = float(runs.train_seconds.fillna(0).sum())
+    secs = float(runs.train_seconds.fillna(0).sum()) if "train_seconds" in runs else 0.0
+    g = plan["grid"]
+    desc = " ".join(g.get("description", "").split())
+    if an.preset:
+        what = (
+            f"This report: preset {an.preset!r} of grid {an.grid}: "
+            + (g.get("preset_description") or "the grid's study with the preset's settings below")
+            + "."
+        )
+    else:
+        what = f"This report: grid {an.grid}: {desc}"
     lines = [
-        f"Grid: {an.grid}" + (f" (preset {an.preset})" if an.preset else ""),
-        "Grid description (the full study; a preset changes it as below): "
-        + " ".join(plan["grid"].get("description", "").split()),
+        what,
         "As run: " + as_run(runs),
         f"Made: {time.strftime('%Y-%m-%d %H:%M')}   scalemix {version}",
         "Shared by every cell"
         + (f" (preset {an.preset} applied)" if an.preset else "")
         + ": "
-        + (", ".join(f"{k} = {v}" for k, v in plan["grid"].get("base", {}).items()) or "-"),
-        "Axes: "
-        + "; ".join(f"{a} = {plan['grid']['axes'][a]}" for a in an.axes)
-        + f"; seeds = {plan['grid']['seeds']}",
-        f"Metric: final test accuracy. Primary axis: {an.primary}"
-        + (f"; paired axis: {an.paired_axis} (matched on seed)" if an.paired_axis else ""),
-        "Privacy: "
+        + (", ".join(f"{k} = {v}" for k, v in g.get("base", {}).items()) or "-"),
+        "Axes: " + "; ".join(f"{a} = {g['axes'][a]}" for a in an.axes) + f"; seeds = {g['seeds']}",
+        "Pre-registration:",
+        *an.plan.describe(),
+        "The seed is the unit: the cells of one seed share their random streams (common "
+        "random numbers), so every interval, test and count is over seeds (seed means, "
+        "per-seed differences, the grid model with seed as block), and n is a number of seeds.",
+        "Privacy settings: "
         + ", ".join(f"{k} = {v}" for k, v in priv.items())
-        + ". Poisson sampling; epsilon is what each run's accountant says it spent.",
+        + ". Poisson sampling; epsilon_spent is what each run's accountant says it spent alone.",
         *[f"Epsilon assumes: {a}." for a in epsilon_assumptions(runs)],
+    ]
+    if an.grid_privacy is not None:
+        lines.append(f"Privacy of the whole grid: {an.grid_privacy.text}")
+    lines += [
         f"Runs: {len(runs)} planned; done {c.get('done', 0)}, failed {c.get('failed', 0)}, "
         f"diverged {c.get('diverged', 0)}, pending/running {c.get('pending', 0) + c.get('running', 0)}.",
         f"Compute: {secs / 60:.1f} min of training in total"
         + (
             f", {runs.images_per_second.dropna().median():.0f} images/s median"
-            if runs.images_per_second.notna().any()
+            if "images_per_second" in runs and runs.images_per_second.notna().any()
             else ""
         )
         + ".",
-        "Contents: accuracy per axis (privacy-utility curve for an epsilon axis); paired "
-        "differences; stability across seeds; learning curves; scale-ratio trajectories; scale "
-        "mixing against accuracy per run; signal propagation at initialisation; tables (cells, "
-        "paired comparisons over seeds and per test example, tests with the multiplicity plan); "
-        "findings; caveats.",
     ]
     if an.warnings:
         lines += ["Warnings:"] + [f"- {w}" for w in an.warnings]
-    _text_page(pdf, f"scalemix ablation report: {an.grid}", lines)
+    if an.preset and desc:
+        lines.append(f"The grid's full study (NOT what this preset ran): {desc}")
+    return lines
 
 
 def as_run(runs) -> str:
@@ -123,28 +159,89 @@ def epsilon_assumptions(runs) -> list[str]:
     return sorted({a for a in runs.epsilon_assumes.dropna().tolist() if a})
 
 
-def _table_page(pdf, title: str, frame: pd.DataFrame, note: str = "") -> None:
+# ------------------------------------------------------------------ tables that fit the page
+
+TABLE_LEFT, TABLE_RIGHT, TABLE_TOP, TABLE_BOTTOM = 0.04, 0.96, 0.90, 0.12
+MAX_COL_CHARS = 30  # a cell wraps at this many characters (headers at 16)
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    return textwrap.wrap(str(text), width, break_long_words=True) or [""]
+
+
+def layout_table(frame: pd.DataFrame, size=LANDSCAPE):
+    """Column widths (characters), wrapped cells and a font size such that the table fits
+    the page width: every column as wide as its longest word or header word, at most
+    MAX_COL_CHARS, the font shrunk (to 5 pt at least) until the sum fits. Returns
+    (font size, widths, header lines, row lines)."""
+    cols = list(frame.columns)
+    widths = []
+    for c in cols:
+        longest = max([len(str(v)) for v in frame[c]] + [1])
+        word = max([len(w) for w in str(c).split()] + [1])
+        widths.append(max(min(longest, MAX_COL_CHARS), min(word, 16), 3))
+    page_in = size[0] * (TABLE_RIGHT - TABLE_LEFT)
+    font = 8.0
+    while font > 5.0 and sum(w + 2 for w in widths) * 0.55 * font / 72 > page_in:
+        font -= 0.25
+    scale = page_in / (sum(w + 2 for w in widths) * 0.55 * font / 72)
+    if scale < 1:  # still too wide at 5 pt: narrow the widest columns
+        widths = [max(4, int(w * scale)) for w in widths]
+    else:  # room to spare: every column wraps at the width it is drawn with
+        widths = [int((w + 2) * scale) - 2 for w in widths]
+    header = [_wrap(c, max(w, 4)) for c, w in zip(cols, widths)]
+    rows = [[_wrap(v, w) for v, w in zip(r, widths)] for r in frame.astype(str).values]
+    return font, widths, header, rows
+
+
+def _table_page(pdf, title: str, frame: pd.DataFrame, note: str = "", size=LANDSCAPE) -> int:
+    """Draw ``frame`` on as many pages as it needs, every column inside the page, long
+    cells wrapped; returns the pages drawn."""
     import matplotlib.pyplot as plt
 
     if frame.empty:
-        return
-    per_page = 32
-    for start in range(0, len(frame), per_page):
-        part = frame.iloc[start : start + per_page]
-        fig, ax = plt.subplots(figsize=LANDSCAPE)
-        ax.axis("off")
-        ax.set_title(title + ("" if start == 0 else " (continued)"), fontsize=12, loc="left")
-        tbl = ax.table(
-            cellText=part.values, colLabels=list(part.columns), loc="upper center", cellLoc="center"
+        return 0
+    font, widths, header, rows = layout_table(frame, size)
+    line_h = 1.3 * font / 72 / size[1]  # figure fraction per text line
+    total = sum(w + 2 for w in widths)
+    xs, x = [], TABLE_LEFT
+    for w in widths:
+        xs.append(x)
+        x += (w + 2) / total * (TABLE_RIGHT - TABLE_LEFT)
+    note_lines = textwrap.wrap(note, int(size[0] * 72 / (0.55 * 7.5) * 0.9)) if note else []
+    pages, start = 0, 0
+    while start < len(rows):
+        fig = plt.figure(figsize=size)
+        fig.text(TABLE_LEFT, 0.95, title + (" (continued)" if pages else ""), fontsize=12, va="top")
+        y = TABLE_TOP
+        h = max(len(c) for c in header)
+        for xi, cell in zip(xs, header):
+            fig.text(
+                xi, y, "\n".join(cell), fontsize=font, weight="bold", va="top", linespacing=1.1
+            )
+        y -= h * line_h + 0.006
+        fig.add_artist(
+            plt.Line2D([TABLE_LEFT, TABLE_RIGHT], [y + 0.003] * 2, lw=0.8, color="black")
         )
-        tbl.auto_set_font_size(False)
-        tbl.set_fontsize(8)
-        tbl.auto_set_column_width(list(range(len(part.columns))))
-        tbl.scale(1, 1.4)
-        if note:
-            fig.text(0.05, 0.03, "\n".join(textwrap.wrap(note, 170)), fontsize=8)
+        i = start
+        while i < len(rows):
+            rh = max(len(c) for c in rows[i])
+            if y - rh * line_h < TABLE_BOTTOM and i > start:
+                break
+            for xi, cell in zip(xs, rows[i]):
+                fig.text(xi, y, "\n".join(cell), fontsize=font, va="top", linespacing=1.1)
+            y -= rh * line_h + 0.006
+            fig.add_artist(
+                plt.Line2D([TABLE_LEFT, TABLE_RIGHT], [y + 0.003] * 2, lw=0.3, color="grey")
+            )
+            i += 1
+        if note_lines:
+            fig.text(TABLE_LEFT, 0.02, "\n".join(note_lines), fontsize=7.5, va="bottom")
         pdf.savefig(fig)
         plt.close(fig)
+        pages += 1
+        start = i
+    return pages
 
 
 def write_pdf(
@@ -162,8 +259,9 @@ def write_pdf(
     matplotlib.use("Agg")
     from matplotlib.backends.backend_pdf import PdfPages
 
+    sesoi = f"+-{an.plan.sesoi:g} points" if an.plan.sesoi else "(no smallest effect of interest)"
     with PdfPages(path) as pdf:
-        _title_page(pdf, an, plan, version)
+        _text_page(pdf, f"scalemix ablation report: {an.grid}", title_lines(an, plan, version))
         figures.accuracy_page(pdf, an, plan)
         figures.privacy_utility_page(pdf, an)
         figures.differences_page(pdf, an)
@@ -174,39 +272,56 @@ def write_pdf(
         figures.spp_page(pdf, an)
         _table_page(
             pdf,
-            "Accuracy per cell",
+            f"Accuracy per cell ({an.metric_label})",
             tables["cells"],
-            "n: finished seeds; CI: 95 % of the mean by the named method (t below 20 seeds); "
-            "IQM: interquartile mean (n >= 4).",
+            "n: finished seeds (one run per seed); CI: 95 % of the mean by the named method "
+            "(t below 20 seeds); ^ marks an interval cut at 0 or 100 % (the t interval reached "
+            "past it); IQM: interquartile mean (from 4 seeds).",
         )
         _table_page(
             pdf,
-            "Paired comparisons",
+            "Accuracy per level of each axis, over seed means",
+            tables.get("marginals", pd.DataFrame()),
+            "Each seed's mean over the other axes' configurations at that level (seeds missing "
+            "a run there are left out), then the t interval over those seed means: n is the "
+            "number of seeds, not of runs. ^: cut at 0 or 100 %.",
+        )
+        _table_page(
+            pdf,
+            "Paired comparisons (simple effects, matched on seed)",
             tables["comparisons"],
-            "Differences b - a in accuracy points, matched on seed. p (t): paired t test (the primary test; "
-            "its CI is the interval it inverts), uncorrected and with the report-wide Holm; p (W): exact "
-            "Wilcoxon signed-rank, Holm over the Wilcoxon tests (robustness); g_z: Hedges' small-sample "
-            "corrected effect size with a noncentral-t CI; P(b>a): probability of improvement over all "
-            "pairs of runs (ties 1/2), Hanley-McNeil CI.",
+            "Differences b - a in accuracy points, matched on seed. p (t): paired t test, "
+            "uncorrected and adjusted as the analysis plan says (the correction is named); its "
+            f"CI is the interval it inverts. TOST: equivalence within {sesoi}. Verdict: "
+            "effect (adjusted p < alpha), equivalent (TOST p < alpha), else inconclusive. "
+            "g_z: Hedges' corrected standardised effect; its interval is the exact "
+            "noncentral-t interval of delta_z. Seeds won: b > a on the same seed, with the "
+            "exact (Clopper-Pearson) interval of the paired P(improvement). P(X_b > X_a): "
+            "rliable's probability of improvement from cross-seed pairs only (from 5 seeds; "
+            "jackknife over seeds).",
         )
         _table_page(
             pdf,
             "Paired comparisons per test example (second source of evidence)",
             tables.get("per_example", pd.DataFrame()),
-            "The same comparisons scored example by example on the shared test set, pooled over the "
-            "matched seeds: McNemar's exact test on the discordant examples and a bootstrap over test "
-            "examples (the same examples resampled for every seed). Both hold the trained models fixed: "
-            "they measure test-set noise only, not seed-to-seed variation. Uncorrected.",
+            "The same comparisons scored example by example on the shared test set, pooled over "
+            "the matched seeds: McNemar's exact test on the discordant examples and a bootstrap "
+            "over test examples (the same examples resampled for every seed). Both hold the "
+            "trained models fixed: they measure test-set noise only, not seed-to-seed "
+            "variation. Uncorrected. Raw weights' predictions.",
         )
         _table_page(
             pdf,
-            "Omnibus tests, the grid model, and scale mixing vs accuracy",
+            "The grid model, omnibus tests, spread and scale mixing",
             tables["omnibus_corr"],
-            "Friedman (blocked by seed) with a permutation p-value, else Kruskal-Wallis; the grid model "
-            "fits every axis and interaction with seed as block; the primary questions (the comparisons, "
-            "the omnibus tests and the model terms named in the grid's [report] questions) are Holm-"
-            "corrected report-wide; everything else is exploratory and uncorrected. Brown-Forsythe: "
-            "ANOVA on each run's distance to its cell's median. Spearman rho with a 95 % Fisher-z CI.",
+            "Grid model: repeated-measures ANOVA over seeds (each term against its own term x "
+            "seed interaction, as AnovaRM), with the critical F at alpha; for terms of more "
+            "than one df the Greenhouse-Geisser (GG) and lower-bound (LB) p, which need no "
+            "sphericity (GG is the one the verdict uses). Friedman: blocked by seed, "
+            "permutation p. Spread: each seed's mean absolute deviation from the cell means, "
+            "levels compared within seed. Spearman: configuration means (between), two-way "
+            "residuals (within; n_eff = residual df + 1). Adjusted p: the analysis plan's "
+            "correction, named; exploratory rows are uncorrected.",
         )
         _text_page(
             pdf,
@@ -214,5 +329,5 @@ def write_pdf(
             [f"- {f}" for f in an.findings]
             + (["Warnings:"] + [f"- {w}" for w in an.warnings] if an.warnings else []),
         )
-        _text_page(pdf, "Caveats", [f"- {c}" for c in CAVEATS])
+        _text_page(pdf, "Caveats", [f"- {c}" for c in caveats(an)])
         return pdf.get_pagecount()

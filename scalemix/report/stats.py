@@ -261,7 +261,6 @@ class Paired:
     p_tost: float = math.nan  # equivalence within +-sesoi (two one-sided t tests)
     ci_method: str = "paired t"
     wilcoxon_method: str = ""
-    p_holm: float = math.nan
 
     def as_dict(self) -> dict:
         return asdict(self)
