@@ -347,3 +347,15 @@ def test_noise_tail_delta_is_in_privacy_json(tiny_cfg, digits8):
     assert 0 < p["noise_tail_delta"] < 1e-12
     assert math.isfinite(p["noise_tail_delta"]) and "grid" in p
     assert np.isfinite(tr.sigma)
+
+
+def test_a_restart_without_resume_still_counts_what_was_released(tiny_cfg, digits8):
+    """Killed before its first checkpoint, then started again in the same directory: the
+    steps the first attempt released are counted."""
+    cfg = tiny_cfg.replace(noise="secure", checkpoint_every=100)
+    first = _trainer(cfg, digits8)
+    first.train_step()
+    first.train_step()
+    del first
+    again = _trainer(cfg, digits8)
+    assert again.step == 0 and again.abandoned_steps == 2 and again.ledger.steps == 2

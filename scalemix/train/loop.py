@@ -289,8 +289,9 @@ class Trainer:
             self._load_checkpoint(self._resume_state)
             self._resume_state = None
         self.world.agree(self.step, "the step to resume from", self.device)
-        if resume:
-            self._count_released_beyond_checkpoint()
+        # an earlier attempt in this directory (resumed, or restarted before its first
+        # checkpoint) may have released steps that no checkpoint holds
+        self._count_released_beyond_checkpoint()
         if resume:
             self.run_dir.result.unlink(missing_ok=True)  # a stale failed/diverged result
         self.run_dir.root.mkdir(parents=True, exist_ok=True)
