@@ -4,6 +4,11 @@ The sampling rate and step count come either directly (``--sample-rate``, ``--st
 as users think of a run, from ``--batch-size``, ``--dataset-size`` and ``--epochs``
 (q = batch size / dataset size, steps = round(epochs / q), as ``scalemix train`` does).
 ``--json`` repeats every input, the derived q and steps, and the accountant.
+
+The accountants need neither torch nor Opacus, the sigma search computes PRV's reported
+bound once or twice (after a few cheaper coarse ones), and every epsilon is kept in
+``$SCALEMIX_CACHE_DIR/privacy`` (default ``~/.cache/scalemix/privacy``) for the next call and
+for the training run's own calibration (see ``scalemix.privacy.accounting``).
 """
 
 from __future__ import annotations
@@ -17,8 +22,10 @@ from scalemix.choices import ACCOUNTANTS
 from scalemix.errors import ConfigError
 
 app = typer.Typer(
-    help="Privacy accounting for Poisson-subsampled Gaussian DP-SGD (Opacus's PRV and RDP "
-    "accountants). Give --sample-rate and --steps, or --batch-size, --dataset-size and --epochs.",
+    help="Privacy accounting for Poisson-subsampled Gaussian DP-SGD (the PRV and RDP "
+    "accountants of Opacus, ported; epsilons cached in $SCALEMIX_CACHE_DIR/privacy, default "
+    "~/.cache/scalemix/privacy). Give --sample-rate and --steps, or --batch-size, "
+    "--dataset-size and --epochs.",
     no_args_is_help=True,
 )
 
@@ -85,7 +92,7 @@ def epsilon(
     as_json: bool = Json,
 ) -> None:
     """The epsilon spent at noise multiplier SIGMA over the given steps and sampling rate."""
-    from scalemix.privacy import epsilon_for
+    from scalemix.privacy.accounting import epsilon_for
 
     _check_accountant(accountant)
     run = _rate_and_steps(sample_rate, steps, batch_size, dataset_size, epochs)
@@ -112,8 +119,9 @@ def sigma(
     accountant: str = Accountant,
     as_json: bool = Json,
 ) -> None:
-    """The noise multiplier that spends at most EPSILON over the given steps."""
-    from scalemix.privacy import epsilon_for, sigma_for
+    """The noise multiplier that spends at most EPSILON (and at least 99.5% of it) over the
+    given steps."""
+    from scalemix.privacy.accounting import epsilon_for, sigma_for
 
     _check_accountant(accountant)
     run = _rate_and_steps(sample_rate, steps, batch_size, dataset_size, epochs)
