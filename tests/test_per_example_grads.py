@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from scalemix.engine import VmapEngine
+from scalemix.engine.base import clip_margin
 from scalemix.models import create_model, has_public_bn, refresh_public_stats
 
 VARIANTS = [
@@ -69,7 +70,7 @@ def test_vmap_per_example_grads_match_loop(variant, k):
 
 
 def test_clipped_sum_matches_loop():
-    """The engine's clipped sum = sum_i g_i * min(1, C / ||g_i||) from the loop."""
+    """The engine's clipped sum = sum_i g_i * min(1, C (1 - m) / ||g_i||) from the loop."""
     torch.manual_seed(1)
     model = create_model("resnet9", num_classes=4, groups=8).double()
     x = torch.randn(4, 2, 3, 8, 8, dtype=torch.float64)
@@ -77,7 +78,8 @@ def test_clipped_sum_matches_loop():
     ref = reference_grads(model, x, y)
     norms = torch.sqrt(sum(r.flatten(1).pow(2).sum(1) for r in ref))
     clip = float(norms.median())  # some examples clipped, some not
-    factors = torch.clamp(clip / (norms + 1e-6), max=1.0)
+    # min(1, C (1 - m) / ||g_i||), m the rounding margin (engine.base.clip_factors)
+    factors = torch.clamp(clip * (1 - clip_margin(torch.float64)) / norms, max=1.0)
     res = VmapEngine(model, clip=clip)(x, y)
     assert torch.allclose(res.norms, norms, rtol=1e-9)
     for g, r in zip(res.grads, ref):

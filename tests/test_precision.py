@@ -43,7 +43,8 @@ def test_every_clipped_per_example_gradient_is_within_c_under_bf16():
         for i in range(len(y)):  # one example: its clipped sum is its clipped gradient
             r = engine(x[i : i + 1], y[i : i + 1])
             assert float(r.norms[0]) > clip
-            assert float(_flat(r.grads).norm()) <= clip * (1 + 1e-6)
+            # within C exactly (the clip rule's rounding margin, engine.base.clip_factors)
+            assert float(_flat(r.grads).double().norm()) <= clip
 
 
 def test_a_bf16_training_step_runs_and_the_vmap_engine_is_refused(tmp_path):

@@ -10,7 +10,9 @@ FLOP formula decides ghost or explicit when it is clear (one side at least ``CLE
 times cheaper); in between, and between the two explicit ways (equal FLOPs), where the
 speed of the batched products, the convolution kernels and the memory traffic on this
 device decide, the ways are timed once on random tensors of the layer's shapes (never on
-training data) and the fastest is kept.
+training data) and the fastest is kept. Ghost norms are not among the ways for a layer
+whose ordinary examples would mostly fail the fast engine's rounding guard
+(``ghost.typical_ratio`` above ``ghost.ghost_ratio_limit``, docs/sharp-edges.md row 17).
 
 A choice is cached per layer shape (the per-example shapes of its input and output
 gradient, K, dtype, device) and per machine (torch version, device name, threads), in

@@ -3,7 +3,9 @@
 For each example the model runs on its K views as a batch of K, the loss is averaged
 over the views, and ``grad`` gives that example's gradient; ``vmap`` does this for all
 examples at once. Norms are taken over all parameters, each gradient is scaled by
-``min(1, C / norm)``, and the scaled gradients are summed. Clear and obviously correct;
+``base.clip_factors`` (min(1, C (1 - m) / norm), m a rounding margin), and the scaled
+gradients are summed; norms and sum come from the same stored gradients, with TF32 off
+(``base.full_fp32_products``). Clear and obviously correct;
 it materialises B x (number of parameters) floats, so the trainer bounds B by
 ``--physical-batch``.
 """
@@ -13,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch.func import functional_call, grad, vmap
 
-from scalemix.engine.base import ChunkResult, Engine, clip_factors
+from scalemix.engine.base import ChunkResult, Engine, clip_factors, full_fp32_products
 
 
 class VmapEngine(Engine):
@@ -45,11 +47,14 @@ class VmapEngine(Engine):
         grads, loss, correct = self.per_example_grads(x, y)
         g = [grads[n] for n in self.names]
         b = x.shape[0]
-        layer_sq = torch.stack([gi.reshape(b, -1).pow(2).sum(1) for gi in g])  # (P, B)
-        norms = layer_sq.sum(0).sqrt()
-        if self.clip is None:
-            factors = torch.ones_like(norms)
-        else:
-            factors = clip_factors(norms, self.clip)
-        summed = [torch.einsum("b,b...->...", factors, gi) for gi in g]
+        # the norms and the clipped sum are taken of the same stored per-example gradients,
+        # with the same full fp32 products (an einsum may be a TF32 matmul on CUDA)
+        with full_fp32_products():
+            layer_sq = torch.stack([gi.reshape(b, -1).pow(2).sum(1) for gi in g])  # (P, B)
+            norms = layer_sq.sum(0).sqrt()
+            if self.clip is None:
+                factors = torch.ones_like(norms)
+            else:
+                factors = clip_factors(norms, self.clip)
+            summed = [torch.einsum("b,b...->...", factors, gi) for gi in g]
         return ChunkResult(summed, loss.sum(), correct.sum(), b, norms, layer_sq)
