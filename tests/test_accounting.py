@@ -359,6 +359,7 @@ def test_cli_privacy_does_not_import_opacus():
         " '--steps', '3', '--delta', '1e-5']\n"
         "try:\n    main()\nexcept SystemExit:\n    pass\n"
         "assert 'opacus' not in sys.modules, 'opacus imported'\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
