@@ -109,6 +109,9 @@ def display_tables(an) -> dict[str, pd.DataFrame]:
         _ci_pct(a, b, c) for a, b, c in zip(cells.ci_low, cells.ci_high, cells.get("ci_cut", ""))
     ]
     out_cells["CI method"] = cells["ci_method"]
+    if "other_mean" in cells and cells.other_mean.notna().any():
+        other = "raw" if an.metric == "test_acc_ema" else "EMA"
+        out_cells[f"mean, {other} weights (%, descriptive)"] = cells.other_mean.map(_pct)
     if (cells["n"] >= 4).any():
         out_cells["IQM (%)"] = cells["iqm"].map(lambda v: _pct(v) if v is not None else "")
     if "eps_lower_bound_max" in cells and cells.eps_lower_bound_max.notna().any():
@@ -134,7 +137,7 @@ def display_tables(an) -> dict[str, pd.DataFrame]:
             _adj_short(a, p) for a, p in zip(comp.adj, comp.p_adj)
         ]
         if an.plan.sesoi:
-            out_comp[f"TOST p (+-{an.plan.sesoi:g} pts)"] = comp.p_tost.map(_p)
+            out_comp[f"TOST p (±{an.plan.sesoi:g} pts)"] = comp.p_tost.map(_p)
         out_comp["verdict"] = comp.verdict
         if (comp.n >= 6).any():  # below 6 pairs the signed-rank test cannot reach 0.05
             out_comp["p (Wilcoxon), Holm over comparisons"] = [

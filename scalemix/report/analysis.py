@@ -3,7 +3,7 @@
 **The seed is the unit.** The cells of one seed share their random streams (model
 initialisation, Poisson batches, augmentation: common random numbers), so a grid of
 K configurations x n seeds holds n independent units measured K times, not n K
-independent runs (docs/statistics.md). Every interval, test, count and figure here is
+independent runs (docs/sharp-edges.md, "The randomness model"). Every interval, test, count and figure here is
 computed over seeds: a cell's runs (one per seed), a level's *seed means* over the other
 axes (marginal views), each seed's difference (paired views), each seed's spread, or the
 grid model, a repeated-measures ANOVA over seeds whose error terms are the seed x term
@@ -257,6 +257,9 @@ def analyse(
         g = g_all[g_all.status == "done"].copy()
         g[metric] = g[metric].astype(float)
         row = {**dict(zip(axes, key)), **st.describe(g[metric]).as_dict()}
+        other = "test_acc_ema" if metric == "test_acc" else "test_acc"
+        if other in g and g[other].notna().any():  # the other weights', descriptive
+            row["other_mean"] = float(g[other].astype(float).mean())
         row["planned"] = len(g_all)
         row["failed"] = int((g_all.status == "failed").sum())
         row["diverged"] = int((g_all.status == "diverged").sum())
@@ -630,7 +633,7 @@ def verdict_words(verdict: str, rp: ReportPlan) -> str:
         return f"is within ±{_points(rp.sesoi)} of zero (equivalence shown by TOST)"
     if verdict == "inconclusive":
         return "is inconclusive: not significant, and " + (
-            f"not shown to be within ±{_points(rp.sesoi)} of zero (TOST)"
+            f"not shown by TOST to be within ±{_points(rp.sesoi)} of zero"
             if rp.sesoi
             else "the plan sets no smallest effect of interest to test equivalence against"
         )
@@ -1089,6 +1092,11 @@ def findings(an: Analysis) -> tuple[list[str], list[str]]:
             f"{_pv(top.ex_p_mcnemar)} uncorrected). This is about these trained models on this "
             "test set; whether the configuration wins again with new seeds is the paired t "
             "test's question."
+        )
+    if an.metric != "test_acc" and "run_dir" in runs:
+        out.append(
+            "Per test example: not compared, because the stored test predictions are the raw "
+            "weights' and the plan's metric is the EMA weights' accuracy."
         )
     out.extend(_resolution(an))
     out.extend(privacy_findings(an))

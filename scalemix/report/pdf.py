@@ -91,7 +91,9 @@ def title_lines(an: Analysis, plan: dict, version: str) -> list[str]:
     if an.preset:
         what = (
             f"This report: preset {an.preset!r} of grid {an.grid}: "
-            + (g.get("preset_description") or "the grid's study with the preset's settings below")
+            + (
+                g.get("preset_description") or "the grid's study with the preset's settings below"
+            ).rstrip(".")
             + "."
         )
     else:
@@ -259,7 +261,11 @@ def write_pdf(
     matplotlib.use("Agg")
     from matplotlib.backends.backend_pdf import PdfPages
 
-    sesoi = f"+-{an.plan.sesoi:g} points" if an.plan.sesoi else "(no smallest effect of interest)"
+    sesoi = (
+        f"±{an.plan.sesoi:g} point{'s' if an.plan.sesoi != 1 else ''}"
+        if an.plan.sesoi
+        else "(no smallest effect of interest)"
+    )
     with PdfPages(path) as pdf:
         _text_page(pdf, f"scalemix ablation report: {an.grid}", title_lines(an, plan, version))
         figures.accuracy_page(pdf, an, plan)
