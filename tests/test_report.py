@@ -525,6 +525,19 @@ def test_grids_side_by_side_share_a_configuration(tmp_path):
     assert (diffs.bit_identical == 3).all() and diffs.reproduced.all()
     assert "p_welch" not in diffs  # the same experiment twice: reproduced, never tested
     assert (pooled.runs == 6).all() and (pooled.distinct_seeds == 3).all()
+    # one shared seed that does not reproduce: the gap is reported, nothing is tested
+    import json
+
+    gb = GridDir(b)
+    res = gb.cell_dir(gb.plan()["cells"][0]["id"]) / "result.json"
+    r = json.loads(res.read_text())
+    r["test_acc"] += 0.01
+    res.write_text(json.dumps(r))
+    _, diffs2, _, _ = shared_configurations([a, b])
+    changed = diffs2[diffs2.bit_identical < 3]
+    assert len(changed) == 1 and not changed.reproduced.iloc[0]
+    assert changed.bit_identical.iloc[0] == 2
+    assert changed.max_gap_same_seed.iloc[0] == pytest.approx(0.01)
     out = tmp_path / "cmp.pdf"
     res = subprocess.run(
         [sys.executable, "-m", "scalemix", "report", str(a), str(b), "-o", str(out)],
