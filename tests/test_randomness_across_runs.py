@@ -104,6 +104,11 @@ def test_joint_epsilon_of_two_cells_of_one_seed_is_one_mechanism_with_sigma_eff(
     one = Ledger("rdp")
     one.step(1.0, 0.05, count=200)
     assert one.epsilon(1e-5) < gp.epsilon
+    # and what the same two runs would cost with batches of their own
+    own = Ledger("rdp")
+    own.step(1.0, 0.05, count=200)
+    own.step(2.0, 0.05, count=200)
+    assert gp.independent_epsilon == pytest.approx(own.epsilon(1e-5))
 
 
 def test_joint_epsilon_counts_unequal_lengths_seeds_and_secure_runs():

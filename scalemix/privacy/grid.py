@@ -72,6 +72,7 @@ class GridPrivacy:
     per_seed: list[dict] = field(default_factory=list)
     sum_of_run_epsilons: float | None = None
     runs: int = 0
+    independent_epsilon: float | None = None  # the same runs with batches of their own
 
     def as_dict(self) -> dict:
         return {
@@ -79,6 +80,7 @@ class GridPrivacy:
             "epsilon": self.epsilon,
             "delta": self.delta,
             "sum_of_run_epsilons": self.sum_of_run_epsilons,
+            "independent_epsilon": self.independent_epsilon,
             "runs": self.runs,
             "per_seed": self.per_seed,
             "text": self.text,
@@ -209,6 +211,12 @@ def grid_privacy(releases: list[Release]) -> GridPrivacy:
         if not r.shares_batches:  # secure: independent of every other run
             ledger.step(r.sigma, r.q, count=r.draws)
     eps = ledger.epsilon(delta)
+    independent = None
+    if by_seed:  # what the same runs would cost with batches of their own (secure mode)
+        alone = Ledger(accountant)
+        for r in private:
+            alone.step(r.sigma, r.q, count=r.draws)
+        independent = alone.epsilon(delta)
     seeds = len(by_seed)
     own = len(private) - sum(len(g) for g in by_seed.values())
     text = (
@@ -232,8 +240,21 @@ def grid_privacy(releases: list[Release]) -> GridPrivacy:
         )
     if run_sum:
         text += f" (The runs' own epsilons add up to {run_sum:.3g}.)"
+    if independent is not None and independent < eps:
+        text += (
+            f" Shared batches are what makes paired comparisons sharp, and they cost privacy: "
+            f"the same runs with batches of their own (--noise secure) would compose to "
+            f"{independent:.3g}."
+        )
     return GridPrivacy(
-        "dp", eps, delta, text, per_seed=per_seed, sum_of_run_epsilons=run_sum, runs=n
+        "dp",
+        eps,
+        delta,
+        text,
+        per_seed=per_seed,
+        sum_of_run_epsilons=run_sum,
+        runs=n,
+        independent_epsilon=independent,
     )
 
 
