@@ -561,3 +561,18 @@ def test_grids_that_share_nothing_are_refused(tmp_path):
     )
     assert res.returncode == 2 and "share no configuration" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_ema_predictions_are_stored_and_scored_when_ema_is_the_metric(tiny_cfg, digits8):
+    """A run stores its EMA weights' test predictions beside the raw ones; their accuracy
+    is result.json's test_acc_ema, and the report reads them when the plan's metric is
+    the EMA accuracy."""
+    from scalemix.report.collect import test_outcomes
+    from scalemix.train import Trainer
+
+    res = Trainer(tiny_cfg, data=digits8, progress=False, log=lambda *_: None).run()
+    out = test_outcomes(tiny_cfg.out, ema=True)
+    raw = test_outcomes(tiny_cfg.out)
+    assert out is not None and raw is not None
+    assert float((out[0] == out[1]).mean()) == pytest.approx(res["test_acc_ema"])
+    assert float((raw[0] == raw[1]).mean()) == pytest.approx(res["test_acc"])

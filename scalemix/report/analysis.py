@@ -347,8 +347,8 @@ def analyse(
     an.correlations = scale_mixing_association(done, axes, metric, plan)
     an.marginals = marginal_means(runs, done, axes, metric, plan)
     an.dispersion = dispersion(block)
-    if "run_dir" in runs and metric == "test_acc":  # stored predictions: the raw weights'
-        per_example_evidence(an)
+    if "run_dir" in runs:  # stored predictions of the plan's weights (raw or EMA)
+        per_example_evidence(an, ema=metric == "test_acc_ema")
     an.components = components(an)
     an.power = power_summary(an)
     an.sensitivity = sensitivity(runs, plan, axes, primary, paired_axis, others, metric)
@@ -688,7 +688,7 @@ def dispersion(block: Block | None) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def per_example_evidence(an: Analysis) -> None:
+def per_example_evidence(an: Analysis, *, ema: bool = False) -> None:
     """For every paired comparison whose runs stored their test predictions: McNemar and a
     paired bootstrap over test examples (stats.per_example), as a second source of
     evidence beside the paired t test over seeds. Adds the ex_* columns in place."""
@@ -702,7 +702,7 @@ def per_example_evidence(an: Analysis) -> None:
     for _, r in comp.iterrows():
         pairs = []
         for a, b in zip(r.ids_a, r.ids_b):
-            oa, ob = test_outcomes(dirs[a]), test_outcomes(dirs[b])
+            oa, ob = test_outcomes(dirs[a], ema=ema), test_outcomes(dirs[b], ema=ema)
             if oa is not None and ob is not None and np.array_equal(oa[1], ob[1]):
                 pairs.append((oa[0] == oa[1], ob[0] == ob[1]))  # same test set, per example
         rows.append(st.per_example(*zip(*pairs)) if pairs else {})

@@ -158,11 +158,12 @@ def learning_curves(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
-def test_outcomes(run_dir) -> tuple[np.ndarray, np.ndarray] | None:
-    """(predicted class, true class) for every test example of a finished run, or None
-    when the run did not store them (runs older than the per-example report)."""
+def test_outcomes(run_dir, *, ema: bool = False) -> tuple[np.ndarray, np.ndarray] | None:
+    """(predicted class, true class) for every test example of a finished run (of its EMA
+    weights with ``ema``), or None when the run did not store them."""
+    name = "test_predictions_ema.npy" if ema else "test_predictions.npy"
     try:
-        pred = np.load(Path(run_dir) / "test_predictions.npy")
+        pred = np.load(Path(run_dir) / name)
         label = np.load(Path(run_dir) / "test_labels.npy")
     except (FileNotFoundError, ValueError, OSError):
         return None

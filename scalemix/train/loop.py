@@ -267,6 +267,7 @@ class Trainer:
         self.images_seen = 0
         self.last_eval: dict = {}
         self.test_predictions: torch.Tensor | None = None  # of self.model, at the last evaluation
+        self.test_predictions_ema: torch.Tensor | None = None  # of the EMA weights, likewise
         probe_x = None
         if cfg.diag_every and cfg.diag_source == "probe":
             probe_x = normalize(self.test_x[: cfg.diag_probe_size], self.mean, self.std)
@@ -662,6 +663,7 @@ class Trainer:
 
     def eval_row(self) -> dict:
         acc, loss, self.test_predictions = self.evaluate(self.model)
+        self.test_predictions_ema = None
         row = {
             "step": self.step,
             "epoch": self.step * self.q,
@@ -671,7 +673,9 @@ class Trainer:
             "train_seconds": self.train_seconds,
         }
         if self.ema is not None:
-            row["test_acc_ema"], row["test_loss_ema"], _ = self.evaluate(self.ema.model)
+            row["test_acc_ema"], row["test_loss_ema"], self.test_predictions_ema = self.evaluate(
+                self.ema.model
+            )
         self.last_eval = row
         return row
 
@@ -980,16 +984,23 @@ class Trainer:
             self.log(a["alarm_message"])
 
     def _save_test_predictions(self) -> None:
-        """The final model's class for every test example (test_predictions.npy, with the
-        test labels beside it in test_labels.npy): runs on
-        the same test set can then be compared example by example (McNemar, paired
-        bootstrap over test examples). Taken from the last step's evaluation; evaluated
-        again only when this process did not evaluate the final model (a resume at the end)."""
-        preds = self.test_predictions
-        if preds is None or self.last_eval.get("step") != self.step:
+        """The final model's class for every test example (test_predictions.npy, and
+        test_predictions_ema.npy for the EMA weights, with the test labels beside them in
+        test_labels.npy): runs on the same test set can then be compared example by example
+        (McNemar, paired bootstrap over test examples). Taken from the last step's
+        evaluation; evaluated again only when this process did not evaluate the final model
+        (a resume at the end)."""
+        fresh = self.last_eval.get("step") == self.step
+        preds = self.test_predictions if fresh else None
+        if preds is None:
             preds = self.evaluate(self.model)[2]
         root = Path(self.run_dir.root)
         np.save(root / "test_predictions.npy", preds.to(torch.int16).cpu().numpy())
+        if self.ema is not None:
+            ema = self.test_predictions_ema if fresh else None
+            if ema is None:
+                ema = self.evaluate(self.ema.model)[2]
+            np.save(root / "test_predictions_ema.npy", ema.to(torch.int16).cpu().numpy())
         np.save(root / "test_labels.npy", self.test_y.to(torch.int16).cpu().numpy())
 
     def _save_final_model(self) -> None:
