@@ -36,8 +36,10 @@ A grid file (``ablations/NAME.toml``)::
     [presets.quick.base]
     data = "digits"
 
-Cells use ``noise = "seeded"`` unless the grid says otherwise (the cells of one seed then
-share batches and noise: common random numbers that sharpen paired comparisons).
+Cells use ``noise = "seeded"`` unless the grid says otherwise: the cells of one seed then
+share batches and augmentations (common random numbers that sharpen paired comparisons),
+never noise, and the grid's joint epsilon accounts for the shared batches
+(``privacy/grid.py``).
 
 A cell is named by the SHA-256 of its fully resolved configuration (model axes filled
 in from the architecture's defaults; ``out`` and ``threads``, which do not change what
@@ -363,7 +365,7 @@ def load_grid(name_or_path: str, preset: str | None = None, sets: dict | None = 
     if unknown:
         raise ConfigError(f"grid file {path}: unknown keys {', '.join(sorted(unknown))}")
     presets = raw.get("presets", {})
-    # Seeded noise inside grids: the cells of one seed share batches and noise (common random
+    # Seeded noise inside grids: the cells of one seed share batches (common random
     # numbers for paired comparisons); its epsilon assumes the seed key stays secret.
     base = {"noise": "seeded", **raw.get("base", {})}
     report = dict(raw.get("report", {}))
