@@ -352,6 +352,8 @@ def test_noise_tail_delta_is_in_privacy_json(tiny_cfg, digits8):
     assert 0 < p["noise_tail_delta"] < 1e-12
     assert math.isfinite(p["noise_tail_delta"]) and "grid" in p
     assert np.isfinite(tr.sigma)
+    policy = json.loads(tr.run_dir.config.read_text())["resolved"]["precision_policy"]
+    assert policy["clip_margin_fp32"] == 2.0**-10 and "TF32" in policy["dp_products"]
 
 
 def test_a_restart_without_resume_still_counts_what_was_released(tiny_cfg, digits8):

@@ -152,7 +152,7 @@ class Canaries:
         """Add each drawn, included canary's clipped Dirac gradient to the clipped sum."""
         dev, dt = vector.device, vector.dtype  # made on the run's device, not copied there
         raw = torch.full((self.m,), 2.0 * clip, device=dev, dtype=dt)  # each norm >= C
-        clipped = raw * clip_factors(raw, clip)  # the engine's clip rule: C (to 1e-6)
+        clipped = raw * clip_factors(raw, clip)  # the engine's clip rule: C (1 - m)
         vector.add_(clipped * included.to(dev, dt))
 
     def observe(self, noisy_vector: torch.Tensor) -> torch.Tensor:

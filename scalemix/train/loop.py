@@ -35,6 +35,7 @@ from scalemix.diagnostics.recorder import CAVEAT, TrainingDiagnostics
 from scalemix.diagnostics.recorder import COLUMNS as DIAG_COLUMNS
 from scalemix.diagnostics.table import FIGURE, META, TABLE, plot_scale_ratio, read_diagnostics
 from scalemix.engine import NonPrivateEngine, make_engine
+from scalemix.engine.base import clip_margin, precision_policy
 from scalemix.errors import ConfigError, Diverged, PrivacyError
 from scalemix.models import create_model, refresh_public_stats
 from scalemix.privacy import (
@@ -499,6 +500,7 @@ class Trainer:
                 "engine": self.engine.name,
                 "device": str(self.device),
                 "world_size": self.world.size,
+                "precision_policy": precision_policy() if self.private else None,
                 "torch": torch.__version__,
                 "version": __version__,
             },
@@ -596,7 +598,8 @@ class Trainer:
         if norms:
             n = torch.cat(norms)
             row["grad_norm_median"] = float(n.median())
-            row["clip_fraction"] = float((n > cfg.clip).float().mean())
+            # scaled down: above C (1 - m), the clip rule's threshold (engine.base)
+            row["clip_fraction"] = float((n > cfg.clip * (1 - clip_margin(n.dtype))).float().mean())
         with deferred_signals():  # the step becomes real: all of it, or none of it
             for p, g in zip(self.engine.params, grads):
                 p.grad = g
