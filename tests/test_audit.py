@@ -95,6 +95,8 @@ def test_fixed_strategy_and_ceiling():
     b = bounds.one_run_bounds(scores, member, delta=0)
     assert b["steinke"]["epsilon"] == pytest.approx(c["steinke"])  # perfect = the ceiling
     assert b["steinke"]["epsilon"] < fixed["steinke"]["epsilon"]  # Bonferroni costs a little
+    # at delta = 0 the f-DP bound does not exist (it read 50 = EPS_MAX before)
+    assert fixed["fdp"]["epsilon"] is None and c["fdp"] is None
 
 
 # ---------------------------------------------------------------- on training runs
@@ -114,8 +116,8 @@ def _audited(tiny_cfg, tmp_path, name, **kw):
     return cfg
 
 
-def _run(cfg, data):
-    tr = Trainer(cfg, data=data, progress=False, log=lambda *_: None)
+def _run(cfg, data, **kw):
+    tr = Trainer(cfg, data=data, progress=False, log=lambda *_: None, **kw)
     return tr, tr.run()
 
 
@@ -191,10 +193,16 @@ def test_correct_runs_are_never_accused_and_known_batches_leak_more(
 
 def test_canary_records_survive_an_interruption(tiny_cfg, digits8, tmp_path):
     cfg = _audited(tiny_cfg, tmp_path, "full", sigma=1.0, epsilon=None, batch_size=256, epochs=2)
-    _run(cfg, digits8)
+    full, _ = _run(cfg, digits8)
     cut = cfg.replace(out=str(tmp_path / "cut"))
-    with pytest.raises(Interrupted):
-        Trainer(cut, data=digits8, progress=False, log=lambda *_: None).run(stop_after=4)
+    with pytest.raises(Interrupted):  # the same run as `full`, its noise reproduced
+        Trainer(
+            cut,
+            data=digits8,
+            progress=False,
+            log=lambda *_: None,
+            noise_nonce=full.rng.noise_nonce,
+        ).run(stop_after=4)
     Trainer(cut, data=digits8, resume=True, progress=False, log=lambda *_: None).run()
     a, b = load_canaries(tmp_path / "full"), load_canaries(tmp_path / "cut")
     assert a["draws"].shape[0] == b["draws"].shape[0] == 11
@@ -212,7 +220,8 @@ def test_input_canaries_are_ordinary_examples_and_rescored_from_the_model(
     assert tr.n == n - 100 and len(tr.train_y) == n  # 100 real examples became canaries
     c = load_canaries(tmp_path / "input")
     # the file holds no image and no label of a private example: indices and shifts only
-    assert not {"x", "y", "source_index"} & set(c)
+    assert not {"x", "y", "source_index", "draws"} & set(c)  # nor which steps drew them
+    assert int(c["steps_observed"]) == res["steps"]
     index, shift = torch.from_numpy(c["data_index"]), torch.from_numpy(c["shift"])
     assert ((shift >= 1) & (shift <= 9)).all()
     wrong = (digits8.train_y[index] + shift) % 10
@@ -239,7 +248,11 @@ def test_gradient_canaries_leave_the_model_bit_identical(tiny_cfg, digits8, tmp_
     exactly the model of the same run without them (same batches, same noise per weight)."""
     base = tiny_cfg.replace(model="resnet9_tiny", groups=None, ema=None, diag_every=0, epochs=0.5)
     plain, _ = _run(base.replace(out=str(tmp_path / "plain")), digits8)
-    audited, res = _run(base.replace(out=str(tmp_path / "aud"), audit_canaries=2000), digits8)
+    audited, res = _run(
+        base.replace(out=str(tmp_path / "aud"), audit_canaries=2000),
+        digits8,
+        noise_nonce=plain.rng.noise_nonce,  # the same noise, so that models can be compared
+    )
     for (n, a), (_, b) in zip(plain.model.state_dict().items(), audited.model.state_dict().items()):
         assert torch.equal(a, b), n
     assert res["audit_canaries"] == 2000

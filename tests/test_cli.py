@@ -197,6 +197,17 @@ def test_config_round_trip_reproduces_a_finished_seeded_run_bit_for_bit(tmp_path
     r = scalemix("train", "--config", str(a / "config.json"), "--out", str(b))
     assert r.returncode == 0, r.stderr
     assert "configuration: defaults < " in r.stderr and "flags out" in r.stderr
+    nonce = json.loads((a / "config.json").read_text())["resolved"]["randomness"]["noise_nonce"]
+    assert f"--noise-nonce {nonce}" in r.stderr  # its own noise, and how to reproduce
+    ma = torch.load(a / "model.pt", weights_only=False)["model"]
+    mb = torch.load(b / "model.pt", weights_only=False)["model"]
+    assert not all(torch.equal(ma[k], mb[k]) for k in ma)
+    b = tmp_path / "b2"
+    r = scalemix(
+        "train", "--config", str(a / "config.json"), "--out", str(b), "--noise-nonce", nonce
+    )
+    assert r.returncode == 0, r.stderr
+    assert "publish only one of them" in r.stderr
     ma = torch.load(a / "model.pt", weights_only=False)["model"]
     mb = torch.load(b / "model.pt", weights_only=False)["model"]
     assert all(torch.equal(ma[k], mb[k]) for k in ma)

@@ -1,6 +1,6 @@
 """GPU-ready by construction, checked on the CPU: a training step synchronises with the
-host a fixed number of times, whatever its number of chunks (no per-chunk or per-layer
-sync); every tensor the step makes lives on the run's device. The ``gpu`` tests (skipped
+host a fixed number of times plus one per physical chunk (the floating-point guard), no
+per-layer sync; every tensor the step makes lives on the run's device. The ``gpu`` tests (skipped
 without CUDA) compare the CUDA step with the CPU step for the reference ResNet-9."""
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ def _count_syncs(monkeypatch) -> dict:
     return counts
 
 
-def _syncs_per_step(tiny_cfg, tmp_path, physical: int, monkeypatch) -> int:
+def _syncs_per_step(tiny_cfg, tmp_path, physical: int, monkeypatch) -> tuple[int, int]:
+    """Host reads of one step, and the step's number of physical chunks."""
     cfg = tiny_cfg.replace(
         physical_batch=physical, diag_every=0, ema=None, out=str(tmp_path / f"p{physical}")
     )
@@ -43,24 +44,32 @@ def _syncs_per_step(tiny_cfg, tmp_path, physical: int, monkeypatch) -> int:
     tr.train_step()  # warm-up (first-call work)
     with monkeypatch.context() as m:
         counts = _count_syncs(m)
-        tr.train_step()
-    return counts["n"]
+        row = tr.train_step()
+    return counts["n"], -(-row["batch"] // physical)
 
 
-def test_host_syncs_per_step_do_not_grow_with_the_number_of_chunks(tiny_cfg, tmp_path, monkeypatch):
-    one_chunk = _syncs_per_step(tiny_cfg, tmp_path, 256, monkeypatch)
-    many_chunks = _syncs_per_step(tiny_cfg, tmp_path, 8, monkeypatch)  # ~8 chunks of 8
-    assert many_chunks == one_chunk
+def test_host_syncs_per_step_grow_only_by_the_guard_per_chunk(tiny_cfg, tmp_path, monkeypatch):
+    """A fixed number of host reads per step, plus exactly one per physical chunk: the fast
+    engine's floating-point guard asks whether any example of the chunk needs its explicit
+    gradient (docs/sharp-edges.md, item 17). No per-layer sync."""
+    one, chunks_one = _syncs_per_step(tiny_cfg, tmp_path, 256, monkeypatch)
+    many, chunks_many = _syncs_per_step(tiny_cfg, tmp_path, 8, monkeypatch)  # ~8 chunks of 8
+    assert chunks_one == 1 and chunks_many >= 6
+    assert many - chunks_many == one - chunks_one
     # the finiteness check, and the logged row: loss, accuracy, median norm, clip fraction
-    assert one_chunk <= 6
+    assert one - chunks_one <= 5
 
 
 def test_the_step_makes_its_tensors_on_the_run_device(tiny_cfg):
-    tr = Trainer(tiny_cfg.replace(diag_every=0), progress=False, log=lambda *_: None)
+    tr = Trainer(
+        tiny_cfg.replace(diag_every=0, aug="crop", aug_mult=2), progress=False, log=lambda *_: None
+    )
     tr.train_step()
     for p in tr.engine.params:
         assert p.device == tr.device and p.grad.device == tr.device
-    assert tr.aug_gen.device == tr.device
+    idx = torch.arange(5)
+    ((x, y),) = list(tr._chunks(idx.to(tr.device), idx))
+    assert x.device == tr.device and y.device == tr.device  # augmented views on the device
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

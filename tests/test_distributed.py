@@ -1,7 +1,8 @@
 """Data-parallel DP-SGD on torch.distributed (gloo, two ranks on the CPU): the all-reduced
 clipped sum equals one process on the union of the ranks' examples; the noise shares sum
 to variance sigma^2 C^2 per coordinate; a two-rank training run killed with SIGKILL and
-resumed ends bit-identical to an uninterrupted one."""
+resumed counts what it released after its checkpoint (and ends bit-identical to an
+uninterrupted one when it was killed at a checkpoint)."""
 
 from __future__ import annotations
 
@@ -155,7 +156,9 @@ def test_two_rank_training_run_survives_sigkill_and_resumes_bit_identical(tmp_pa
     assert (tmp_path / "full" / "ranks" / "1").is_dir()  # rank 1 keeps its logs apart
     steps = result["steps"]
 
-    proc = _train(tmp_path / "cut", wait=False)
+    cfg = json.loads((tmp_path / "full" / "config.json").read_text())
+    nonce = cfg["resolved"]["randomness"]["noise_nonce"]  # the same run, its noise reproduced
+    proc = _train(tmp_path / "cut", "--noise-nonce", nonce, wait=False)
     ckpt = tmp_path / "cut" / "checkpoint.pt"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
@@ -167,12 +170,17 @@ def test_two_rank_training_run_survives_sigkill_and_resumes_bit_identical(tmp_pa
     proc.wait()
     step = torch.load(ckpt, weights_only=False)["step"]
     assert 2 <= step < steps
+    released = json.loads((tmp_path / "cut" / "released.json").read_text())["steps_released"]
     resumed = _train(tmp_path / "cut", "--resume")
     assert resumed.returncode == 0, resumed.stderr
-    a, b = _final_model(tmp_path / "full"), _final_model(tmp_path / "cut")
-    assert all(torch.equal(a[k], b[k]) for k in a)
     again = json.loads((tmp_path / "cut" / "result.json").read_text())
-    assert again["epsilon"] == result["epsilon"] and again["steps"] == steps
+    assert again["steps"] == steps and again["abandoned_steps"] == released - step
+    if released == step:  # killed at a checkpoint: the same run, bit for bit
+        a, b = _final_model(tmp_path / "full"), _final_model(tmp_path / "cut")
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        assert again["epsilon"] == result["epsilon"]
+    else:  # steps released after the checkpoint are counted, their draws never reused
+        assert again["epsilon"] > result["epsilon"]
 
 
 def test_ranks_refuse_what_needs_one_process(tmp_path):

@@ -56,7 +56,7 @@ def test_two_secure_runs_with_the_same_seed_draw_different_batches_and_noise(
         assert torch.equal(pa, pb)
     # and what the checkpoint would hold of the streams is never a key
     state = a._rng_state()["rng"]
-    assert set(state) == {"mode", "seed_key_id", "sampler", "noise", "canary"}
+    assert set(state) == {"mode", "seed_key_id", "noise_nonce", "sampler", "noise", "canary"}
     assert state["sampler"] == {"draws": 0}
 
 
@@ -252,7 +252,8 @@ def test_a_signal_at_any_line_of_a_step_leaves_a_consistent_checkpoint(tiny_cfg,
     fired_at = []
     for line in lines:
         out = tmp_path / f"cut-{line}"
-        tr = _trainer(cfg.replace(out=str(out)), digits8)
+        # the same run as `full`, its noise reproduced
+        tr = _trainer(cfg.replace(out=str(out)), digits8, noise_nonce=full.rng.noise_nonce)
         state = {"entry": None, "fired": False}
 
         def local(frame, event, arg, line=line, tr=tr, state=state):

@@ -12,8 +12,8 @@ from scalemix.train import Trainer
 from scalemix.train.loop import Interrupted
 
 
-def _quiet(cfg, data, resume=False):
-    return Trainer(cfg, data=data, resume=resume, progress=False, log=lambda *_: None)
+def _quiet(cfg, data, resume=False, **kw):
+    return Trainer(cfg, data=data, resume=resume, progress=False, log=lambda *_: None, **kw)
 
 
 def test_resume_matches_uninterrupted(tiny_cfg, digits8, tmp_path):
@@ -24,8 +24,8 @@ def test_resume_matches_uninterrupted(tiny_cfg, digits8, tmp_path):
     assert res_full["status"] == "done" and res_full["steps"] >= 5
 
     cfg = tiny_cfg.replace(out=str(tmp_path / "cut"))
-    with pytest.raises(Interrupted):
-        _quiet(cfg, digits8).run(stop_after=3)
+    with pytest.raises(Interrupted):  # the same run as `full`, its noise reproduced
+        _quiet(cfg, digits8, noise_nonce=full.rng.noise_nonce).run(stop_after=3)
     assert not (tmp_path / "cut" / "result.json").exists()  # nothing claims success
     with pytest.raises(ConfigError, match="--resume"):
         _quiet(cfg, digits8)  # an unfinished run is not silently overwritten

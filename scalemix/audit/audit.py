@@ -77,7 +77,11 @@ def audit(
         "kind": canaries["kind"],
         "canaries": int(len(member)),
         "included": int(member.sum()),
-        "steps_observed": int(np.asarray(canaries["draws"]).shape[0]),
+        "steps_observed": int(
+            canaries["steps_observed"]
+            if "steps_observed" in canaries
+            else np.asarray(canaries["draws"]).shape[0]
+        ),
         "accountant_epsilon": epsilon,
         "delta": delta,
         "confidence": confidence,

@@ -208,8 +208,6 @@ def one_run_bounds(
 
     Returns each bound with the guess counts that gave it, the strategy and alpha.
     """
-    if not delta > 0:
-        raise ValueError(f"one-run bounds need delta > 0 (got {delta!r}); the f-DP bound has none")
     scores = np.asarray(scores, dtype=np.float64)
     member = np.asarray(member, dtype=bool)
     m = len(scores)
@@ -223,7 +221,9 @@ def one_run_bounds(
         e = steinke_bound(m, kp + km, v, alpha=level, delta=delta)
         if e > best_s["epsilon"]:
             best_s = {"epsilon": e, "k_plus": kp, "k_minus": km, "correct": v}
-    for kp in sorted({kp for kp, _ in tests}):  # f-DP: the one-sided part of each test
+    if not delta > 0:  # pure DP: no Gaussian-DP curve passes through (eps, 0)
+        best_f = {"epsilon": None, "k_plus": None, "k_minus": 0, "correct": None}
+    for kp in sorted({kp for kp, _ in tests}) if delta > 0 else []:  # f-DP: one-sided tests
         v = _guesses(scores, member, kp, 0)
         ef = fdp_bound(m, kp, v, alpha=level, delta=delta)
         if ef > best_f["epsilon"]:
@@ -248,5 +248,9 @@ def ceiling(
     tests = _tests(m, strategy)
     level = alpha / len(tests)
     s = max(steinke_bound(m, kp + km, kp + km, alpha=level, delta=delta) for kp, km in tests)
-    f = max(fdp_bound(m, kp, kp, alpha=level, delta=delta) for kp in {kp for kp, _ in tests})
+    f = (
+        max(fdp_bound(m, kp, kp, alpha=level, delta=delta) for kp in {kp for kp, _ in tests})
+        if delta > 0
+        else None  # pure DP: the f-DP bound has no curve to test
+    )
     return {"steinke": s, "fdp": f}

@@ -69,7 +69,8 @@ class Canaries:
         # run's private examples and in the data set's training split, the label shifts
         self.x, self.y, self.source_index = x, y, source_index
         self.shift, self.data_index = shift, data_index
-        self.draws: list[torch.Tensor] = []  # per step: bool (m,) drawn by the sampler
+        self.draws: list[torch.Tensor] = []  # per step (gradient): bool (m,) drawn
+        self.steps = 0  # steps recorded
         self.obs: list[torch.Tensor] = []  # per step (gradient): the noisy audit vector
 
     # ------------------------------------------------------------------ creation
@@ -161,8 +162,12 @@ class Canaries:
         return noisy_vector.detach().float()
 
     def record(self, observed: torch.Tensor | None) -> None:
-        """Called in the step's commit block: one row of draws (and observations)."""
-        self.draws.append(self._step_draws)
+        """Called in the step's commit block: one row of draws (and observations) for
+        gradient canaries. Input canaries are private training examples: which batches drew
+        them is never kept (it would undo their amplification by sampling); only the count."""
+        self.steps += 1
+        if self.kind == "gradient":
+            self.draws.append(self._step_draws)
         if observed is not None:
             self.obs.append(observed)
 
@@ -171,12 +176,15 @@ class Canaries:
     def state_dict(self) -> dict:
         return {
             "set": self.set_state(),
+            "steps": self.steps,
             "draws": torch.stack(self.draws) if self.draws else None,
             "obs": torch.stack(self.obs).cpu() if self.obs else None,
         }
 
     def load_state_dict(self, state: dict, steps: int) -> None:
-        self.draws = list(state["draws"][:steps]) if state.get("draws") is not None else []
+        self.steps = steps
+        draws = state.get("draws") if self.kind == "gradient" else None
+        self.draws = list(draws[:steps]) if draws is not None else []
         self.obs = list(state["obs"][:steps]) if state.get("obs") is not None else []
 
     def save(self, root: Path, **meta) -> Path:
@@ -185,9 +193,12 @@ class Canaries:
         arrays = {
             "kind": np.array(self.kind),
             "member": self.member.numpy(),
-            "draws": torch.stack(self.draws).numpy() if self.draws else np.zeros((0, self.m), bool),
+            "steps_observed": np.array(self.steps),
         }
         if self.kind == "gradient":
+            arrays["draws"] = (
+                torch.stack(self.draws).numpy() if self.draws else np.zeros((0, self.m), bool)
+            )
             arrays["obs"] = (
                 torch.stack(self.obs).cpu().numpy()
                 if self.obs

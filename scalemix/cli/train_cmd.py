@@ -250,6 +250,14 @@ def train(
     quiet: bool = typer.Option(
         False, "--quiet", "-q", help="No progress bar or epoch lines.", rich_help_panel=RUN
     ),
+    noise_nonce: Optional[str] = typer.Option(
+        None,
+        "--noise-nonce",
+        help="Reproduce the noise of the seeded run whose config.json records this nonce "
+        "(resolved.randomness.noise_nonce). The two runs then share their noise: publish "
+        "only one of them.",
+        rich_help_panel=RUN,
+    ),
     nproc: int = typer.Option(
         1,
         "--nproc",
@@ -272,7 +280,16 @@ def train(
     quiet = quiet or rank > 0
     values = dict(ctx.params)
     values.pop("nproc")
-    for k in ("resume", "resume_diverged", "quiet", "no_ema", "config", "set_", *TRACKING_FLAGS):
+    for k in (
+        "resume",
+        "resume_diverged",
+        "quiet",
+        "noise_nonce",
+        "no_ema",
+        "config",
+        "set_",
+        *TRACKING_FLAGS,
+    ):
         values.pop(k)
     if no_ema:
         values["ema"] = None
@@ -301,7 +318,7 @@ def train(
             for p in ctx.command.params
             if ctx.get_parameter_source(p.name) == ParameterSource.COMMANDLINE
         }
-        given -= {"resume", "resume_diverged", "quiet", "out", *TRACKING_FLAGS}
+        given -= {"resume", "resume_diverged", "quiet", "noise_nonce", "out", *TRACKING_FLAGS}
         if no_ema:
             given.add("ema")
         mine, theirs = cfg.as_dict(), stored.as_dict()
@@ -313,6 +330,30 @@ def train(
             )
         cfg = stored.replace(out=str(out), threads=cfg.threads)
     log = (lambda *a, **k: None) if quiet else (lambda msg: typer.echo(msg, err=True))
+    if noise_nonce is not None:
+        import re
+
+        if cfg.non_private or cfg.noise != "seeded":
+            raise ConfigError(
+                "--noise-nonce reproduces a seeded run's noise: use it with --noise seeded"
+            )
+        if not re.fullmatch(r"[0-9a-f]{32}", noise_nonce):
+            raise ConfigError(
+                f"--noise-nonce {noise_nonce!r} is not 32 hex digits; copy it from the run's "
+                "config.json (resolved.randomness.noise_nonce)"
+            )
+        log(
+            "reproducing the noise of the run with nonce "
+            f"{noise_nonce}: the two runs share their noise, so publish only one of them"
+        )
+    elif config is not None and not resume and not quiet:
+        nonce = ((_read_json(config) or {}).get("resolved") or {}).get("randomness", {})
+        if isinstance(nonce, dict) and nonce.get("noise_nonce"):
+            log(
+                "note: this run draws its own noise; to reproduce the noise of the run in "
+                f"{config} bit for bit, add --noise-nonce {nonce['noise_nonce']} (then publish "
+                "only one of the two)"
+            )
     from scalemix.data.datasets import check_available
 
     check_available(cfg.data, cfg.data_dir, cfg.download)  # errors before any header
@@ -333,6 +374,7 @@ def train(
             progress=not quiet,
             log=log,
             wandb=tracking,
+            noise_nonce=noise_nonce,
         )
     except KeyboardInterrupt:
         ckpt = RunDir(cfg.out).checkpoint
@@ -419,6 +461,14 @@ def _layered(ctx: typer.Context, flags: dict, config: Path | None, sets: list[st
     if not quiet:
         typer.echo("configuration: defaults < " + " < ".join(layers), err=True)
     return values
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        raw = json.loads(Path(path).expanduser().read_text())
+    except (OSError, ValueError):
+        return None
+    return raw if isinstance(raw, dict) else None
 
 
 def load_config_file(path: Path) -> dict:

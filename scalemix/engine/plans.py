@@ -18,7 +18,8 @@ A choice is cached per layer shape (the per-example shapes of its input and outp
 gradient, K, dtype, device) and per machine (torch version, device name, threads), in
 memory and in ``$SCALEMIX_CACHE_DIR/engine-plans.json`` (default
 ``~/.cache/scalemix``), so that a resumed run takes the same ways as the run it resumes
-(the ways agree to rounding, and a resumed run is meant to be bit-identical), and every
+(the ways agree to rounding; a resumed run takes the same ways, though privacy never
+relies on a redo being bit-identical), and every
 later run on the machine skips the timing. ``SCALEMIX_ENGINE_PLAN=flops`` uses the FLOP
 formula alone (no timing, no cache).
 """

@@ -47,16 +47,22 @@ NOT_COVERED: dict[str, dict[str, str]] = {
     "checkpoint.pt": {
         "images_seen": "the sum of every realised batch size |B_t|",
         "train_seconds": "total step time",
-        "audit": "the canaries' draws (which steps drew each canary)",
+        "audit": "the canary set and, for gradient canaries, the steps that drew each",
     },
     "released.json and divergence.json": {
         "steps_released, stream_draws": "how far the run got; a divergence depends on private "
         "batches",
     },
     "audit/canaries.npz": {
-        "data_index, shift, member, draws": "which training examples were input canaries, "
-        "their label shifts and coins, and the steps that drew them (functions of the secret "
-        "canary and sampler streams; no image or label is stored)",
+        "data_index, shift, member": "which training examples were input canaries, their "
+        "label shifts and coins (functions of the secret canary stream; no image, no label, "
+        "and not which steps drew them)",
+        "draws, obs (gradient canaries)": "the steps that drew each gradient canary and the "
+        "noisy audit vector (no training example involved)",
+    },
+    "grid directory": {
+        "cells/<id>/attempts.jsonl, error.log": "when each attempt started and how a run "
+        "failed (timings and failures follow private data)",
     },
     "ranks/<r>/": {
         "metrics.csv, epochs.csv, diagnostics.csv": "rank r's own shard, as above",

@@ -55,6 +55,9 @@ class Release:
     accountant: str
     epsilon: float | None  # what the run itself reports
     structure: tuple = ()  # what fixes its Poisson masks: n, canaries, ranks
+    noise_id: str | None = None  # seeded: what keys its noise (identity and nonce)
+    public_examples: int = 0  # examples it used without privacy (--public-size)
+    normals_per_step: int = 0  # noise coordinates a step draws (for the tail delta)
 
     @property
     def shares_batches(self) -> bool:
@@ -125,6 +128,9 @@ def read_release(run_dir: str | Path) -> Release | None:
     mode = cfg.get("noise") if private else None
     if mode == "seeded" and not randomness.get("run_identity"):
         mode = "seeded-shared"  # written before noise was keyed per run: it shared its noise
+    noise_id = None
+    if mode == "seeded":
+        noise_id = f"{randomness.get('run_identity')}/{randomness.get('noise_nonce') or ''}"
     structure = (
         res.get("train_size"),
         cfg.get("audit_canaries") if cfg.get("canary_kind") == "input" else 0,
@@ -144,6 +150,9 @@ def read_release(run_dir: str | Path) -> Release | None:
         accountant=cfg.get("accountant") or "prv",
         epsilon=result.get("epsilon"),
         structure=structure,
+        noise_id=noise_id,
+        public_examples=int(res.get("public_size") or cfg.get("public_size") or 0),
+        normals_per_step=int(res.get("num_params") or 0) + int(cfg.get("audit_canaries") or 0),
     )
 
 
@@ -174,15 +183,21 @@ def grid_privacy(releases: list[Release]) -> GridPrivacy:
     for r in private:
         if r.shares_batches:
             by_seed[(r.seed_key_id, r.seed)].append(r)
-    shared_noise = [g for g in by_seed.values() if sum(r.mode == "seeded-shared" for r in g) > 1]
+    shared_noise = [
+        g
+        for g in by_seed.values()
+        if sum(r.mode == "seeded-shared" for r in g) > 1
+        or len({r.noise_id for r in g if r.noise_id}) < sum(1 for r in g if r.noise_id)
+    ]
     if shared_noise:
         g = shared_noise[0]
         return GridPrivacy(
             "per_cell_only",
             None,
             None,
-            f"Only each run alone is (epsilon, delta)-DP: the runs of seed {g[0].seed} (and "
-            f"{len(shared_noise) - 1} other seed(s)) share their noise (--noise seeded-shared), "
+            f"Only each run alone is (epsilon, delta)-DP: runs of seed {g[0].seed} (and of "
+            f"{len(shared_noise) - 1} other seed(s)) share their noise (--noise seeded-shared, "
+            "a reproduction with --noise-nonce, or runs made before noise was keyed per run), "
             "so two of them together cancel it and reveal clipped-gradient sums without "
             "noise. The grid as a whole is not differentially private.",
             sum_of_run_epsilons=run_sum,
@@ -240,6 +255,18 @@ def grid_privacy(releases: list[Release]) -> GridPrivacy:
         )
     if run_sum:
         text += f" (The runs' own epsilons add up to {run_sum:.3g}.)"
+    tail = _tail_delta(private, eps)
+    if tail > 0:
+        text += f" The noise's cut tails add at most {tail:.2g} to delta" + (
+            " (a vacuous bound at this epsilon)." if tail >= 1e-3 else "."
+        )
+    public = [r for r in private if r.public_examples]
+    if public:
+        text += (
+            f" {len(public)} run(s) used examples of the training split without privacy "
+            f"(--public-size, up to {max(r.public_examples for r in public)} examples): the "
+            "joint guarantee covers only the examples private in every run."
+        )
     if independent is not None and independent < eps:
         text += (
             f" Shared batches are what makes paired comparisons sharp, and they cost privacy: "
@@ -258,15 +285,32 @@ def grid_privacy(releases: list[Release]) -> GridPrivacy:
     )
 
 
+def _tail_delta(private: list[Release], eps: float) -> float:
+    """randomness.tail_delta over every noise coordinate the runs drew, at the joint eps."""
+    from scalemix.privacy.randomness import tail_delta
+
+    draws = sum(r.draws * max(r.normals_per_step, 1) for r in private)
+    return tail_delta(eps, 1, draws) if draws else 0.0
+
+
+def grid_privacy_from_dirs(grid_dirs) -> GridPrivacy:
+    """The joint privacy of the runs of several grids together (runs with one seed key and
+    seed share their batches across grids too)."""
+    return grid_privacy([r for d in grid_dirs for r in _releases(d)])
+
+
 def grid_privacy_from_dir(grid_dir: str | Path) -> GridPrivacy:
     """The joint privacy of every run under ``grid_dir`` (its ``cells/*`` run directories,
     or any run directories below it)."""
+    return grid_privacy(_releases(grid_dir))
+
+
+def _releases(grid_dir: str | Path) -> list[Release]:
     root = Path(grid_dir)
     cells = root / "cells"
     dirs = (
         sorted(cells.iterdir())
         if cells.is_dir()
-        else sorted(p.parent for p in root.rglob("config.json"))
+        else sorted(p.parent for p in root.rglob("config.json") if "ranks" not in p.parts)
     )
-    releases = [r for d in dirs if d.is_dir() and (r := read_release(d)) is not None]
-    return grid_privacy(releases)
+    return [r for d in dirs if d.is_dir() and (r := read_release(d)) is not None]

@@ -32,9 +32,12 @@ Where the keys come from is the *noise mode*:
   is ``HMAC-SHA256(seed key, "scalemix/seeded/v1/<seed>")``, shared by every run of one
   seed (the same batches, augmentations and canaries: common random numbers for paired
   comparisons), and the noise key is ``HMAC-SHA256(seed key,
-  "scalemix/seeded/v2/noise/<seed>/<identity>")`` with the run's identity (a hash of its
-  configuration), so two different runs never share a noise draw: two releases with one
-  noise draw would cancel it. The grid's joint epsilon (``privacy/grid.py``) accounts for
+  "scalemix/seeded/v2/noise/<seed>/<identity>/<nonce>")`` with the run's identity (a hash
+  of its configuration) and a fresh 128-bit nonce per run (public, in ``config.json``), so
+  two runs never share a noise draw: two releases with one noise draw would cancel it,
+  and two runs of one configuration need not compute the same thing (threads, engine
+  plans, devices and versions change the arithmetic). Reproducing a run's noise is an
+  explicit request (``--noise-nonce``), and then only one of the two may be published. The grid's joint epsilon (``privacy/grid.py``) accounts for
   the shared batches. The *seed key* is a 256-bit secret kept in a file outside every run
   directory (``$SCALEMIX_SEED_KEY``, or ``~/.config/scalemix/seed-key``, created on first
   use with mode 0600, refused when others can read it); runs record only its fingerprint
@@ -279,12 +282,14 @@ class RunRandomness:
         *,
         identity: str = "",
         run_dir: str | Path | None = None,
+        noise_nonce: str | None = None,
     ):
         if mode not in (*NOISE_MODES, "public"):
             raise ConfigError(f"--noise {mode!r} is not one of: {', '.join(NOISE_MODES)}")
         self.mode, self.seed, self.device = mode, int(seed), torch.device(device)
         self.identity = identity
         self.seed_key_id = None
+        self.noise_nonce = None
         if mode == "secure":
             run_key = noise_key = os.urandom(KEY_BYTES)  # never written anywhere
         elif mode == "public":  # non-private runs: nothing to hide, reproducible from --seed
@@ -301,10 +306,14 @@ class RunRandomness:
             if mode == "seeded":  # the noise is this run's own
                 if not identity:
                     raise ValueError("a seeded run needs its identity to key its noise")
+                # a fresh public nonce per run: two runs share noise only when one is told
+                # to reproduce the other (noise_nonce given); "" is a run from before nonces
+                self.noise_nonce = os.urandom(16).hex() if noise_nonce is None else noise_nonce
+                name = f"{self.seed}/{identity}" + (
+                    f"/{self.noise_nonce}" if self.noise_nonce else ""
+                )
                 noise_key = hmac.new(
-                    seed_key,
-                    _NOISE_CONTEXT + f"{self.seed}/{identity}".encode(),
-                    hashlib.sha256,
+                    seed_key, _NOISE_CONTEXT + name.encode(), hashlib.sha256
                 ).digest()
             else:  # seeded-shared: the runs of one seed share their noise too
                 noise_key = run_key
@@ -371,6 +380,7 @@ class RunRandomness:
             "seed_key_id": self.seed_key_id,
             "epsilon_assumes": self.assumption,
             "run_identity": self.identity or None,
+            "noise_nonce": self.noise_nonce,
             "streams": {
                 "init": "torch global generator, public --seed",
                 "aug": f"ChaCha20 keystream per (step, example index), {secret}",
@@ -379,7 +389,7 @@ class RunRandomness:
                 "noise": "ChaCha20 keystream, "
                 + {
                     "secure": "secret run key",
-                    "seeded": "secret seed key, --seed and this run's configuration",
+                    "seeded": "secret seed key, --seed, this run's configuration and its nonce",
                     "seeded-shared": "secret seed key and --seed (shared by the runs of a seed)",
                     "public": "public --seed",
                 }[self.mode],
@@ -392,6 +402,7 @@ class RunRandomness:
         return {
             "mode": self.mode,
             "seed_key_id": self.seed_key_id,
+            "noise_nonce": self.noise_nonce,
             "sampler": self.sampler.state_dict(),
             "noise": self.noise.state_dict(),
             "canary": self.canary.state_dict(),

@@ -149,6 +149,7 @@ def compare_grids(grid_dirs: list, out_pdf=None, *, log=print) -> Path:
     import matplotlib.pyplot as plt
     from matplotlib.backends.backend_pdf import PdfPages
 
+    from scalemix.privacy.grid import grid_privacy_from_dirs
     from scalemix.report import _md_table, code_version
     from scalemix.report.pdf import A4, _table_page, _text_page
 
@@ -192,7 +193,7 @@ def compare_grids(grid_dirs: list, out_pdf=None, *, log=print) -> Path:
                 f"{a} / {b}" for a, b in zip(diffs.only_in_b, diffs.only_in_a)
             ],
             "reproduction": [
-                ("reproduced (same computation)" if r else "NOT reproduced")
+                ("reproduced (same computation)" if r else "same seed, own noise: counted once")
                 if s
                 else "no shared seed"
                 for r, s in zip(diffs.reproduced, diffs.same_seeds)
@@ -224,6 +225,7 @@ def compare_grids(grid_dirs: list, out_pdf=None, *, log=print) -> Path:
             [
                 "Grids: "
                 + "; ".join(f"{g['name']} ({g['runs']} finished runs, {g['dir']})" for g in grids),
+                "Privacy of the grids together: " + grid_privacy_from_dirs(grid_dirs).text,
                 f"Configurations shared by two or more grids: {per_grid.configuration.nunique()} "
                 "(same resolved training configuration except the seed).",
                 "Two grids that run one configuration run the same experiment: a difference "

@@ -18,6 +18,7 @@ the last step; the reported accuracy is the last one, never the best.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 import traceback
@@ -113,7 +114,11 @@ class Trainer:
         log=print,
         wandb: WandbSettings | None = None,
         world: World | None = None,
+        noise_nonce: str | None = None,
     ):
+        """``noise_nonce`` reproduces the noise of the seeded run that recorded it
+        (``resolved.randomness.noise_nonce`` in its config.json): the two runs then share
+        their noise, and only one of them may be published."""
         cfg = cfg.validate()
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -144,6 +149,12 @@ class Trainer:
         self._check_out_dir(resume)
 
         self.private = not cfg.non_private
+        # a resumed run's checkpoint, read before anything it decides (noise, canaries)
+        self._resume_state = self._read_checkpoint() if resume else None
+        if self._resume_state is not None:  # the run goes on with its own noise key
+            noise_nonce = (self._resume_state.get("rng") or {}).get("noise_nonce", "")
+        elif noise_nonce is None and self.world.distributed:  # one nonce for every rank
+            noise_nonce = self.world.gather_object(os.urandom(16).hex())[0]
         # Every random stream of the run, and who may know it: privacy/randomness.py.
         self.rng = RunRandomness(
             cfg.noise if self.private else "public",
@@ -152,9 +163,8 @@ class Trainer:
             rank=self.world.rank,
             identity=cfg.identity(),
             run_dir=cfg.out,
+            noise_nonce=noise_nonce,
         )
-        # a resumed run's checkpoint, read before anything it decides (the canary set)
-        self._resume_state = self._read_checkpoint() if resume else None
 
         # ---- data (uint8 on the device; normalised per chunk)
         data = data or load_data(cfg.data, cfg.data_dir, download=cfg.download, size=cfg.image_size)
@@ -403,8 +413,8 @@ class Trainer:
         return (
             f"{self.canaries.m} training examples were input canaries: taken out of the "
             "training data, the included half put back with a random wrong label; "
-            "audit/canaries.npz holds their indices, label shifts, coins and draws (no image "
-            "or label); epsilon covers the training data as modified"
+            "audit/canaries.npz holds their indices, label shifts and coins (no image, no "
+            "label, not which steps drew them); epsilon covers the training data as modified"
         )
 
     def _count_released_beyond_checkpoint(self) -> None:
@@ -412,35 +422,26 @@ class Trainer:
         attempt committed after its last checkpoint were released (metrics, diagnostics,
         W&B, the grid's log), so they are added to the ledger, and the secret streams go
         on past everything that attempt drew: nothing released is redone with other noise
-        uncounted, and no draw is reused (docs/sharp-edges.md, item 7).
-
-        A seeded run on the CPU after a crash is the exception: it redoes those steps with
-        the same batches and noise, bit for bit (the same release again, nothing new), so
-        it replays them instead. Diverged runs always go on past their draws."""
+        uncounted, and no draw is reused (docs/sharp-edges.md, item 7). Seeded runs too:
+        redoing a released step with the same draws is only harmless if the redo is bit for
+        bit the same computation, which a change of threads, device or engine plan breaks
+        without notice."""
         rd = self.run_dir
         diverged = rd.divergence.exists()
         record = read_json(rd.divergence if diverged else rd.released) or {}
         extra = int(record.get("steps_released", self.step)) - self.step
+        if self.world.distributed:  # a kill may land between two ranks' records: the most
+            extra = max(self.world.gather_object(extra))  # any rank released counts for all
+            diverged = any(self.world.gather_object(diverged))
         if extra <= 0 and not diverged:
-            return
-        replay = (
-            not diverged
-            and self.rng.mode in ("seeded", "seeded-shared", "public")
-            and self.device.type == "cpu"
-        )
-        if replay:
-            self.log(
-                f"resuming from step {self.step}: the {extra} step(s) released after the last "
-                "checkpoint are redone with the same batches and noise (seeded run, CPU: the "
-                "same updates again)"
-            )
             return
         if extra > 0 and self.private:
             self.ledger.step(self.sigma, self.q, count=extra)
             self.abandoned_steps += extra
         draws = record.get("stream_draws") or {}
         for name, stream in (("sampler", self.rng.sampler), ("noise", self.rng.noise)):
-            stream.draws = max(stream.draws, int(draws.get(name, 0)))
+            # one draw of each per step: past the released steps, and past what was drawn
+            stream.draws = max(stream.draws + max(extra, 0), int(draws.get(name, 0)))
         self._committed_rng = self._rng_state()
         what = "diverged run" if diverged else "run that stopped after its last checkpoint"
         self.log(
@@ -1021,6 +1022,7 @@ def train(
     progress: bool = True,
     log=print,
     wandb: WandbSettings | None = None,
+    noise_nonce: str | None = None,
 ) -> dict:
     """Train one configuration into ``cfg.out``; return the result dictionary."""
     rd = RunDir(cfg.out)
@@ -1034,4 +1036,5 @@ def train(
         progress=progress,
         log=log,
         wandb=wandb,
+        noise_nonce=noise_nonce,
     ).run()
