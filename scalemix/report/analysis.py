@@ -1093,10 +1093,15 @@ def findings(an: Analysis) -> tuple[list[str], list[str]]:
             "test set; whether the configuration wins again with new seeds is the paired t "
             "test's question."
         )
-    if an.metric != "test_acc" and "run_dir" in runs:
+    elif "run_dir" in runs and not comp.empty:
         out.append(
-            "Per test example: not compared, because the stored test predictions are the raw "
-            "weights' and the plan's metric is the EMA weights' accuracy."
+            "Per test example: not compared, because the runs did not store the test "
+            "predictions of the plan's weights"
+            + (
+                " (EMA predictions are stored from scalemix 2026-12 on)."
+                if an.metric != "test_acc"
+                else "."
+            )
         )
     out.extend(_resolution(an))
     out.extend(privacy_findings(an))
