@@ -235,7 +235,7 @@ def grid_privacy(releases: list[Release]) -> GridPrivacy:
     seeds = len(by_seed)
     own = len(private) - sum(len(g) for g in by_seed.values())
     text = (
-        f"Everything the grid published ({len(private)} private run(s)) is ({eps:.3g}, "
+        f"Everything published ({len(private)} private run(s)) is ({eps:.3g}, "
         f"{delta:.3g})-DP together ({accountant.upper()} accountant): "
     )
     parts = []

@@ -117,7 +117,8 @@ class ReportPlan:
             f"- alpha = {self.alpha:g}; correction: {fam}",
             "- smallest effect of interest: "
             + (
-                f"{self.sesoi:g} accuracy points (a result that is not significant is read "
+                f"{self.sesoi:g} accuracy point{'' if self.sesoi == 1 else 's'} (a result "
+                "that is not significant is read "
                 "by an equivalence test against it)"
                 if self.sesoi
                 else "not set: no result can be read as equivalence; "
@@ -1145,9 +1146,21 @@ def _term_finding(an: Analysis, r) -> str:
             f"p = {_pv(r.p_lb)}"
         )
     parts.append(_adj_text(r))
-    crit = f"significance at alpha = {rp.alpha:g} needs F > {r.F_crit:.3g}"
+    # the level a lone effect must pass: the plan's alpha, over the family for Holm's first
+    # step (the same level the power finding uses)
+    from scipy import stats as st_scipy
+
+    m = an.family_sizes.get("all primary tests", 1) if r.primary and rp.correction == "holm" else 1
+    a = rp.alpha / max(1, int(m))
+    f_crit = float(st_scipy.f.ppf(1 - a, r.df1, r.df2)) if r.df2 > 0 else math.nan
+    crit = f"significance at alpha = {a:.3g}" + (
+        f" (the plan's {rp.alpha:g} over {m} tests, Holm's first step)" if m > 1 else ""
+    )
+    crit += f" needs F > {f_crit:.3g}"
     if isinstance(r.get("critical_effect"), float) and not math.isnan(r.critical_effect):
-        crit += f", an effect of at least {100 * r.critical_effect:.1f} points"
+        # 1-df term: the critical effect scales with the critical t (F = t^2)
+        scale = math.sqrt(f_crit / r.F_crit) if r.F_crit > 0 else math.nan
+        crit += f", an effect of at least {100 * r.critical_effect * scale:.1f} points"
     parts.append(crit)
     if rp.sesoi and not math.isnan(r.p_tost):
         parts.append(f"equivalence within ±{_points(rp.sesoi)}: TOST p = {_pv(r.p_tost)}")
@@ -1165,7 +1178,9 @@ def _resolution(an: Analysis) -> list[str]:
     if vc:
         text = (
             f"Variance components ({vc['seeds']} seeds x {vc['configurations']} configurations, "
-            f"SD in points): seed {math.sqrt(vc['seed']):.2f} (shared by a seed's cells, "
+            f"SD in points): seed {math.sqrt(max(vc['seed'], 0.0)):.2f}"
+            + (" (a negative estimate, truncated at 0;" if vc["seed"] < 0 else " (")
+            + "shared by a seed's cells, "
             f"cancels in paired comparisons), seed x configuration "
             f"{math.sqrt(vc['residual']):.2f}"
         )

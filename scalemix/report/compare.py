@@ -5,8 +5,9 @@ configurations agree in everything but the seed (``collect.configuration_key``).
 
 Two grids that run one configuration run the *same experiment*: a difference between
 them is seed noise (or a change of code or hardware), never a treatment, so nothing is
-tested between grids. A seed both grids ran with seeded streams is the same computation:
-the two runs are compared as a reproduction (bit-identical, or the gap), not as evidence.
+tested between grids. A seed both grids ran shares its batches in both (seeded streams);
+its noise is the same only where one run reproduced the other (--noise-nonce), and then
+the runs are bit-identical. Either way the seed counts once.
 The configuration's result is then given once, over the distinct seeds of all the grids
 (each seed counted once: a reproduced run is not a second seed), with its t interval.
 """
@@ -23,6 +24,7 @@ import pandas as pd
 from scalemix.errors import ConfigError
 from scalemix.report import stats as st
 from scalemix.report.collect import collect
+from scalemix.train.rundir import read_json
 
 
 def _label(row, axes: list[str]) -> str:
@@ -33,10 +35,12 @@ def shared_configurations(grid_dirs: list):
     """(per grid and configuration; per pair of grids and configuration, the reproductions
     at the seeds both ran; per configuration, the result over its distinct seeds; the
     grids' descriptions)."""
-    frames, grids = [], []
+    frames, grids, metrics = [], [], set()
     for d in grid_dirs:
         runs, plan = collect(d)
         g = plan["grid"]
+        fixed = read_json(Path(d) / "analysis-plan.json") or {}
+        metrics.add(((fixed.get("report") or g.get("report") or {}).get("metric")) or "raw")
         name = g["name"] + (f" ({g['preset']})" if g.get("preset") else "")
         if any(x["name"] == name for x in grids):
             name = f"{name} [{Path(d).name}]"
@@ -48,6 +52,11 @@ def shared_configurations(grid_dirs: list):
         grids.append({"name": name, "dir": str(d), "axes": axes, "runs": int(len(runs))})
     runs = pd.concat(frames, ignore_index=True)
     runs = runs[runs.config_key.notna()]
+    # the grids' planned metric where they agree (EMA or raw weights), else the raw one
+    metric = "test_acc_ema" if metrics == {"ema"} and "test_acc_ema" in runs else "test_acc"
+    runs["metric"] = runs[metric].astype(float)
+    for gd in grids:
+        gd["metric"] = "EMA weights" if metric == "test_acc_ema" else "raw weights"
     in_grids = runs.groupby("config_key").grid.nunique()
     shared = runs[runs.config_key.isin(in_grids[in_grids >= 2].index)].copy()
     shared["seed"] = shared.seed.astype(int)
@@ -59,7 +68,7 @@ def shared_configurations(grid_dirs: list):
         )
     rows = []
     for (key, grid), g in shared.groupby(["config_key", "grid"], sort=False):
-        acc = g.test_acc.astype(float)
+        acc = g.metric.astype(float)
         s = st.describe(acc)
         rows.append(
             {
@@ -100,8 +109,10 @@ def shared_configurations(grid_dirs: list):
             )
     pooled = []
     for key, g in shared.groupby("config_key", sort=False):
-        by_seed = g.drop_duplicates(subset=["seed"])  # a reproduced run is not a new seed
-        s = st.describe(by_seed.test_acc.astype(float))
+        # a seed counts once: the mean of its runs (bit-identical reproductions, or runs
+        # that differ by their own noise draws) is one value
+        by_seed = g.groupby("seed").metric.mean()
+        s = st.describe(by_seed.astype(float))
         pooled.append(
             {
                 "configuration": key,
@@ -226,21 +237,25 @@ def compare_grids(grid_dirs: list, out_pdf=None, *, log=print) -> Path:
                 "Grids: "
                 + "; ".join(f"{g['name']} ({g['runs']} finished runs, {g['dir']})" for g in grids),
                 "Privacy of the grids together: " + grid_privacy_from_dirs(grid_dirs).text,
+                "Metric: final test accuracy of the "
+                + grids[0].get("metric", "raw weights")
+                + " (the grids' planned metric where they agree, else the raw weights').",
                 f"Configurations shared by two or more grids: {per_grid.configuration.nunique()} "
                 "(same resolved training configuration except the seed).",
                 "Two grids that run one configuration run the same experiment: a difference "
                 "between them is seed noise, not a treatment, so nothing is tested between "
-                "grids. A seed both grids ran (seeded streams) is the same computation: the "
-                "two runs are a reproduction, bit-identical on the same hardware and software, "
-                "and count as one seed. Each configuration's result is given once, over its "
-                "distinct seeds.",
+                "grids. A seed both grids ran shares its batches in both (seeded streams); its "
+                "runs are the same computation only where one reproduced the other's noise "
+                "(--noise-nonce), and are then bit-identical; with noise of their own they "
+                "differ by the noise alone. Either way the seed counts once: each "
+                "configuration's result is given once, over its distinct seeds.",
                 *[
                     f"Configuration {r.configuration}: {r.same_seeds} seed(s) in both "
                     f"{r.a} and {r.b}, {r.bit_identical} bit-identical"
                     + (
                         " (reproduced)"
                         if r.reproduced
-                        else f", largest gap {100 * r.max_gap_same_seed:.2f} points (NOT reproduced)"
+                        else f", largest gap {100 * r.max_gap_same_seed:.2f} points (own noise)"
                         if r.same_seeds
                         else ""
                     )
@@ -265,7 +280,10 @@ def compare_grids(grid_dirs: list, out_pdf=None, *, log=print) -> Path:
             ax.set_yticks(y, [f"{r.grid}\n{r.cell}" for r in g.itertuples()], fontsize=7)
             ax.set_title(f"configuration {key}", fontsize=9, loc="left")
             ax.grid(alpha=0.3, axis="x")
-        axs[-1, 0].set_xlabel("test accuracy (%): mean, 95 % t CI over seeds; grey: single runs")
+        axs[-1, 0].set_xlabel(
+            f"test accuracy, {grids[0].get('metric', 'raw weights')} (%): mean, 95 % t CI "
+            "over seeds; grey: single runs"
+        )
         fig.tight_layout()
         pdf.savefig(fig)
         plt.close(fig)
@@ -274,7 +292,8 @@ def compare_grids(grid_dirs: list, out_pdf=None, *, log=print) -> Path:
             pdf,
             "Reproductions: the seeds both grids ran",
             show_d,
-            "Runs of one configuration and seed in two grids are the same computation; "
+            "Runs of one configuration and seed in two grids share their batches; they are "
+            "the same computation only when one reproduced the other's noise (--noise-nonce). "
             "bit-identical: every reported result (and the per-example predictions where "
             "stored) equal to the last bit.",
         )
