@@ -6,6 +6,7 @@ uninterrupted one when it was killed at a checkpoint)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -144,6 +145,22 @@ def _train(out: Path, *extra: str, wait: bool = True, env=None):
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
+def _pids_naming(path: Path) -> list[int]:
+    """Live processes whose command line contains ``path`` (zombies excluded)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (d / "stat").read_text().split(")")[-1].split()[0]
+        except OSError:
+            continue
+        if str(path) in cmd and state != "Z":
+            out.append(int(d.name))
+    return out
+
+
 def _final_model(out: Path) -> dict:
     return torch.load(out / "model.pt", weights_only=False)["model"]
 
@@ -166,11 +183,24 @@ def test_two_rank_training_run_survives_sigkill_and_resumes_bit_identical(tmp_pa
             break
         time.sleep(0.2)
     assert proc.poll() is None, "the run ended before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks, at once
+    # torchrun and both ranks, at once (torchrun's workers may sit in their own process
+    # groups: every process whose command line names this run is killed)
+    victims = [proc.pid, *_pids_naming(tmp_path / "cut")]
+    for pid in victims:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     proc.wait()
+    deadline = time.monotonic() + 30
+    while _pids_naming(tmp_path / "cut") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _pids_naming(tmp_path / "cut"), "a rank survived the kill"
+    assert not (tmp_path / "cut" / "result.json").exists()  # really stopped mid-run
     step = torch.load(ckpt, weights_only=False)["step"]
     assert 2 <= step < steps
-    released = json.loads((tmp_path / "cut" / "released.json").read_text())["steps_released"]
+    released = max(  # what any rank committed (and so released) before the kill
+        json.loads((d / "released.json").read_text())["steps_released"]
+        for d in (tmp_path / "cut", tmp_path / "cut" / "ranks" / "1")
+    )
     resumed = _train(tmp_path / "cut", "--resume")
     assert resumed.returncode == 0, resumed.stderr
     again = json.loads((tmp_path / "cut" / "result.json").read_text())
