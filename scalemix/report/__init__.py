@@ -201,7 +201,11 @@ def display_tables(an) -> dict[str, pd.DataFrame]:
                 "p, uncorrected": _p(r.p),
                 "p, sphericity-free": ""
                 if r.df1 <= 1
-                else f"GG {_p(r.p_gg)} (eps {r.eps_gg:.2f}); LB {_p(r.p_lb)}",
+                else (
+                    f"GG {_p(r.p_gg)} (eps {r.eps_gg:.2f}); LB {_p(r.p_lb)}"
+                    if r.get("gg_estimable", True)
+                    else f"GG {_p(r.p_gg)} (not estimable); LB {_p(r.p_lb)} (verdict)"
+                ),
                 "p, adjusted (correction)": _adj_short(r.adj, r.p_adj),
                 "verdict": r.verdict,
             }

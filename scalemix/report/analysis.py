@@ -549,8 +549,10 @@ def multiplicity(an: Analysis) -> None:
             ("interaction" if len(ax) > 1 else "main effects") if prim else "exploratory"
             for ax, prim in zip(model["axes"], model["primary"])
         ]
+        # multi-df terms: Greenhouse-Geisser where it can be estimated, else the lower bound
+        ok = model.get("gg_estimable", pd.Series(True, index=model.index)).astype(bool)
         model["p_verdict"] = np.where(
-            (model.df1 > 1) & np.isfinite(model.p_gg), model.p_gg, model.p
+            model.df1 > 1, np.where(ok & np.isfinite(model.p_gg), model.p_gg, model.p_lb), model.p
         )
     cols = {"model": "p_verdict", "comp": "p_t", "omni": "p"}
     out = {  # per frame: p_adj, adj, tested, as lists
@@ -1140,10 +1142,17 @@ def _term_finding(an: Analysis, r) -> str:
             f"over {int(r.n_seeds)} seeds"
         )
     parts.append(f"F({r.df}) = {r.F:.3g}, p = {_pv(r.p)} uncorrected (sphericity assumed)")
-    if r.df1 > 1:
+    if r.df1 > 1 and r.get("gg_estimable", True):
         parts.append(
             f"Greenhouse-Geisser p = {_pv(r.p_gg)} (epsilon {r.eps_gg:.2f}), lower bound "
             f"p = {_pv(r.p_lb)}"
+        )
+    elif r.df1 > 1:
+        parts.append(
+            f"Greenhouse-Geisser p = {_pv(r.p_gg)} (epsilon {r.eps_gg:.2f}, not estimable "
+            f"from {int(r.n_seeds)} seeds for {int(r.df1)} df: capped at "
+            f"{(r.n_seeds - 1) / r.df1:.2f}), lower bound p = {_pv(r.p_lb)} (used for the "
+            "verdict)"
         )
     parts.append(_adj_text(r))
     # the level a lone effect must pass: the plan's alpha, over the family for Holm's first

@@ -571,6 +571,10 @@ def rm_anova(y: np.ndarray, names: list[str], alpha: float = ALPHA) -> list[dict
             )
             tr2 = float(np.trace(s @ s))
             eps = float(np.trace(s) ** 2 / (df1 * tr2)) if df1 > 1 and tr2 > 0 else 1.0
+            # with fewer seeds than the term's df the contrasts' covariance is rank-deficient
+            # (rank <= n - 1): Greenhouse-Geisser's epsilon cannot be estimated (it is capped
+            # at (n - 1) / df1), so only the lower bound is sphericity-free
+            gg_ok = df1 > 1 and n - 1 >= df1
             row = {
                 "term": " x ".join(names[i] for i in term),
                 "axes": [names[i] for i in term],
@@ -582,6 +586,7 @@ def rm_anova(y: np.ndarray, names: list[str], alpha: float = ALPHA) -> list[dict
                 "p_gg": float(stats.f.sf(f, eps * df1, eps * df2))
                 if df1 > 1 and math.isfinite(f)
                 else math.nan,
+                "gg_estimable": bool(gg_ok),
                 "p_lb": float(stats.f.sf(f, 1, n - 1))
                 if df1 > 1 and math.isfinite(f)
                 else math.nan,
