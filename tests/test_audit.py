@@ -23,7 +23,7 @@ from scalemix.train.loop import Interrupted
 
 
 def test_all_guesses_right_hand_worked():
-    """DESIGN.md: with all r guesses right and delta = 0 the 95 % bound is ln(p / (1 - p)),
+    """Steinke et al. 2023 (docs/sharp-edges.md, item 15): with all r guesses right and delta = 0 the 95 % bound is ln(p / (1 - p)),
     p = 0.05^(1/r): about 3.5 for r = 100 and 5.8 for r = 1000."""
     for r, approx in ((100, 3.5), (1000, 5.8)):
         p = 0.05 ** (1 / r)

@@ -1,4 +1,4 @@
-"""DP-SGD properties (DESIGN.md sharp edges 2, 4, 6), checked against plain autograd."""
+"""DP-SGD properties (docs/sharp-edges.md, items 2, 4, 6), checked against plain autograd."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The reference test (DESIGN.md sharp edge 5): per-example gradients from the DP engine
+"""The reference test (docs/sharp-edges.md, item 5): per-example gradients from the DP engine
 equal an obviously-correct one-example-at-a-time loop, for every model variant, in float64.
 """
 

@@ -1,5 +1,5 @@
 """The epsilon scalemix prints holds against an attacker who reads everything a run writes
-(DESIGN.md, "Whom epsilon must hold against"): secret and independent sampling and noise
+(docs/sharp-edges.md, "The randomness model"): secret and independent sampling and noise
 streams with >= 128 bits of key, data-independent preprocessing, atomic accounting,
 explicit public data, resume after divergence, and every private quantity labelled."""
 

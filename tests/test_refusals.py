@@ -1,4 +1,4 @@
-"""Unsafe DP configurations are refused with an explanation (DESIGN.md sharp edges 1, 4)."""
+"""Unsafe DP configurations are refused with an explanation (docs/sharp-edges.md, items 1, 4)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """A run interrupted and resumed ends exactly where an uninterrupted seeded run ends
-(DESIGN.md sharp edge 7): model, optimiser, EMA, ledger, sampler and RNG all restored."""
+(docs/sharp-edges.md, item 7): model, optimiser, EMA, ledger, sampler and RNG all restored."""
 
 from __future__ import annotations
 

@@ -73,7 +73,7 @@ def normalize(x_uint8: torch.Tensor, mean, std) -> torch.Tensor:
 # --------------------------------------------------------------------------- digits
 
 # Normalisation constants are fixed in code, never computed from the (private) training
-# images: preprocessing must not read private data (DESIGN.md). [0, 1] -> [-1, 1].
+# images: preprocessing must not read private data (docs/sharp-edges.md, item 12). [0, 1] -> [-1, 1].
 DIGITS_MEAN = (0.5,)
 DIGITS_STD = (0.5,)
 

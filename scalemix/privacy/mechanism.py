@@ -3,7 +3,7 @@
     update = (sum_i clip(g_i) + N(0, (sigma C)^2 I)) / B_expected
 
 ``B_expected`` is the expected batch size (q N), a public constant: dividing by the
-realised batch size would leak it (DESIGN.md sharp edge 2). With ``sigma = 0`` and no
+realised batch size would leak it (docs/sharp-edges.md, item 2). With ``sigma = 0`` and no
 clipping this is the ordinary mean gradient of a batch of the expected size. The noise
 is added in the precision of the summed gradients (float32 or float64), never lower.
 """
