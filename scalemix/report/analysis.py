@@ -1086,9 +1086,11 @@ def findings(an: Analysis) -> tuple[list[str], list[str]]:
         ex = comp[comp.ex_p_mcnemar.notna()]
         top = ex.loc[ex.ex_diff.abs().idxmax()]
         out.append(
-            f"Per test example (second source of evidence; the trained models held fixed): "
-            f"{int((ex.ex_p_mcnemar < alpha).sum())} of {len(ex)} comparisons differ by "
-            f"McNemar's exact test at {alpha:g} (uncorrected); the largest, {top['b']} vs "
+            f"Per test example (second source of evidence; the trained models held fixed; "
+            f"exploratory): {int((ex.ex_p_mcnemar < alpha).sum())} of {len(ex)} comparisons "
+            f"differ by McNemar's exact test at {alpha:g} (uncorrected; the test pools each "
+            f"seed's pairs, so every test example counts once per seed and the pairs are not "
+            f"independent); the largest, {top['b']} vs "
             f"{top['a']} at {_where(top, an, exclude=(an.paired_axis,) if an.paired_axis else ())}, "
             f"{_pts(top.ex_diff)} (95 % bootstrap over {int(top.ex_examples)} test examples "
             f"{100 * top.ex_ci_low:+.1f} to {100 * top.ex_ci_high:+.1f}, McNemar p = "
