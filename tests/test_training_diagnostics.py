@@ -73,7 +73,10 @@ def test_training_diagnostics_match_an_independent_computation(tiny_cfg, digits8
         ** 0.5
     )  # (B, L)
     total = (layer_norms**2).sum(1) ** 0.5
-    factors = np.minimum(1.0, cfg.clip / (total + 1e-6))
+    # the documented clip rule: min(1, C (1 - m) / norm), m the fp32 rounding margin
+    from scalemix.engine.base import clip_margin
+
+    factors = np.minimum(1.0, cfg.clip * (1 - clip_margin(torch.float32)) / total)
     clipped_sum = [sum(f * g[j] for f, g in zip(factors, per_ex)) for j in range(len(params))]
     noise = tr.sigma * cfg.clip
     for li, (layer, idx) in enumerate(groups):
@@ -87,7 +90,7 @@ def test_training_diagnostics_match_an_independent_computation(tiny_cfg, digits8
         np.quantile(total, 0.9), rel=1e-3
     )
     assert _value(rows, MODEL_ROW, "clip_fraction") == pytest.approx(
-        float(np.mean(total > cfg.clip))
+        float(np.mean(total > cfg.clip * (1 - clip_margin(torch.float32))))
     )
 
 

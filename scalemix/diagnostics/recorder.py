@@ -210,7 +210,10 @@ class TrainingDiagnostics:
         signal = torch.cat([sum_sq.sum().view(1), sum_sq]).sqrt()
         d = torch.cat([dims.sum().view(1), dims])
         snr = signal / (noise * d.sqrt()) if noise > 0 else torch.full_like(signal, float("inf"))
-        clipped = (norms[0] > self.clip).float().mean()
+        # scaled down by the clip rule: above C (1 - m) (engine.base.clip_factors)
+        from scalemix.engine.base import clip_margin
+
+        clipped = (norms[0] > self.clip * (1 - clip_margin(norms.dtype))).float().mean()
         frac = torch.full((1 + n_layers,), float("nan"), device=dev)
         frac[0] = clipped
         return torch.cat([q, snr[:, None], frac[:, None]], dim=1)
