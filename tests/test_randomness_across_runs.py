@@ -6,7 +6,6 @@ resumed audit keeps its coins; the seed key stays secret."""
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -29,15 +28,11 @@ from scalemix.privacy.randomness import (
     tail_delta,
 )
 from scalemix.train import Trainer
+from tests.test_privacy_hardening import _first_step_draws
 
 
 def _trainer(cfg, data, **kw):
     return Trainer(cfg, data=data, progress=False, log=lambda *_: None, **kw)
-
-
-def _draws(tr):
-    sampler, noise = copy.deepcopy(tr.rng.sampler), copy.deepcopy(tr.rng.noise)
-    return sampler.uniform(tr.n) < tr.q, noise.normal(1000)
 
 
 # ---------------------------------------------------------------- 1. noise per run
@@ -46,8 +41,8 @@ def _draws(tr):
 def test_two_cells_differing_in_one_axis_share_batches_but_never_noise(tiny_cfg, digits8, tmp_path):
     a = _trainer(tiny_cfg.replace(out=str(tmp_path / "a")), digits8)
     b = _trainer(tiny_cfg.replace(out=str(tmp_path / "b"), lr=2e-3), digits8)
-    mask_a, z_a = _draws(a)
-    mask_b, z_b = _draws(b)
+    mask_a, z_a = _first_step_draws(a)
+    mask_b, z_b = _first_step_draws(b)
     assert torch.equal(mask_a, mask_b)  # common random numbers: the same batches
     assert not torch.equal(z_a, z_b)  # never the same noise
     # the cancellation attack of the review: with equal sigma the difference of two cells'
@@ -56,11 +51,13 @@ def test_two_cells_differing_in_one_axis_share_batches_but_never_noise(tiny_cfg,
     # the same configuration again draws its own noise (threads, plans, devices and
     # versions may change what it computes); reproducing a run's noise is explicit
     again = _trainer(tiny_cfg.replace(out=str(tmp_path / "again")), digits8)
-    assert torch.equal(_draws(again)[0], mask_a) and not torch.equal(_draws(again)[1], z_a)
+    assert torch.equal(_first_step_draws(again)[0], mask_a) and not torch.equal(
+        _first_step_draws(again)[1], z_a
+    )
     twin = _trainer(
         tiny_cfg.replace(out=str(tmp_path / "twin")), digits8, noise_nonce=a.rng.noise_nonce
     )
-    assert torch.equal(_draws(twin)[1], z_a)
+    assert torch.equal(_first_step_draws(twin)[1], z_a)
     assert a.resolved_config()["resolved"]["randomness"]["run_identity"] == tiny_cfg.identity()
 
 
@@ -68,7 +65,7 @@ def test_seeded_shared_is_explicit_and_says_the_grid_is_not_dp(tiny_cfg, digits8
     cfg = tiny_cfg.replace(noise="seeded-shared")
     a = _trainer(cfg.replace(out=str(tmp_path / "a")), digits8)
     b = _trainer(cfg.replace(out=str(tmp_path / "b"), lr=2e-3), digits8)
-    assert torch.equal(_draws(a)[1], _draws(b)[1])
+    assert torch.equal(_first_step_draws(a)[1], _first_step_draws(b)[1])
     assert "not DP at all" in a.rng.assumption
 
 

@@ -347,7 +347,11 @@ def train(
             f"{noise_nonce}: the two runs share their noise, so publish only one of them"
         )
     elif config is not None and not resume and not quiet:
-        nonce = ((_read_json(config) or {}).get("resolved") or {}).get("randomness", {})
+        from scalemix.train.rundir import read_json
+
+        nonce = ((read_json(Path(config).expanduser()) or {}).get("resolved") or {}).get(
+            "randomness", {}
+        )
         if isinstance(nonce, dict) and nonce.get("noise_nonce"):
             log(
                 "note: this run draws its own noise; to reproduce the noise of the run in "
@@ -461,14 +465,6 @@ def _layered(ctx: typer.Context, flags: dict, config: Path | None, sets: list[st
     if not quiet:
         typer.echo("configuration: defaults < " + " < ".join(layers), err=True)
     return values
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        raw = json.loads(Path(path).expanduser().read_text())
-    except (OSError, ValueError):
-        return None
-    return raw if isinstance(raw, dict) else None
 
 
 def load_config_file(path: Path) -> dict:

@@ -274,10 +274,8 @@ def load_data(
     """Load a data set by name; ``download`` fetches CIFAR-10 / ImageNette when missing."""
     if name == "digits":
         return load_digits(size or 16)
-    if name not in DATASETS:
-        raise DataError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
-    if data_dir is None:
-        raise DataError(f"--data {name} needs --data-dir DIR (add --download to fetch it there)")
+    if name not in DATASETS or data_dir is None:
+        check_available(name, data_dir, download)  # raises with the one message
     data_dir = Path(data_dir).expanduser()
     if download:
         from scalemix.data.download import ensure_downloaded
