@@ -42,8 +42,11 @@ never noise, and the grid's joint epsilon accounts for the shared batches
 (``privacy/grid.py``).
 
 A cell is named by the SHA-256 of its fully resolved configuration (model axes filled
-in from the architecture's defaults; ``out`` and ``threads``, which do not change what
-is computed, left out), so the same experiment gets the same name in every grid.
+in from the architecture's defaults; the fields whose declaration in
+``scalemix/train/config.py`` says ``cell="never"``, such as ``out`` and ``threads``, left
+out), so the same experiment gets the same name in every grid. Every value of a grid file,
+its presets and ``--set`` is checked by ``TrainConfig.validate``, the one validator that
+``scalemix train`` uses too.
 """
 
 from __future__ import annotations
@@ -57,15 +60,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from scalemix.errors import ConfigError
-from scalemix.train import TrainConfig
+from scalemix.train.config import SETTINGS, TrainConfig
 
 try:
     import tomllib
 except ModuleNotFoundError:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-NOT_HASHED = ("out", "threads", "device", "checkpoint_every")
-HASHED_UNLESS_DEFAULT = {"precision": "fp32"}
+# from the fields' declarations (Setting.cell): fields that do not change the experiment,
+# and fields added after grids had run (left out at their default, so old ids stay valid)
+NOT_HASHED = tuple(k for k, s in SETTINGS.items() if s.cell == "never")
+HASHED_UNLESS_DEFAULT = {
+    k: TrainConfig.__dataclass_fields__[k].default
+    for k, s in SETTINGS.items()
+    if s.cell == "unless-default"
+}
 
 
 def grid_dirs() -> list[Path]:

@@ -9,186 +9,17 @@ from typing import Optional
 
 import typer
 
-from scalemix.cli._compat import ParameterSource
-from scalemix.cli.options import (
-    WS,
-    Act,
-    Groups,
-    ModelName,
-    Norm,
-    Placement,
-    ScaleNorm,
-    WandbEntity,
-    WandbProject,
-)
+from scalemix.cli.options import TRACK_PANEL as TRACK
+from scalemix.cli.options import WandbEntity, WandbProject, config_options
 from scalemix.errors import ConfigError
-from scalemix.train.config import TrainConfig
+from scalemix.train.config import RUN, TrainConfig, with_implied
 from scalemix.train.rundir import RunDir
 
-DATA, PRIVACY, OPTIM, RUN = "Data", "Privacy", "Optimisation", "Run"
-DIAG, TRACK = "Diagnostics", "Weights & Biases"
-TRACKING_FLAGS = ("wandb", "wandb_project", "wandb_entity", "wandb_group")
-_DEF = TrainConfig()
 
-
+@config_options  # a flag for every TrainConfig field, from its declaration: they fill `given`
 def train(
     ctx: typer.Context,
-    model: ModelName = _DEF.model,
-    norm: Norm = None,
-    groups: Groups = None,
-    scalenorm: ScaleNorm = None,
-    placement: Placement = None,
-    ws: WS = None,
-    act: Act = None,
-    data: str = typer.Option(
-        _DEF.data,
-        help="digits (embedded in scikit-learn, offline) | cifar10 | imagenette.",
-        rich_help_panel=DATA,
-    ),
-    data_dir: Optional[Path] = typer.Option(
-        None,
-        help="Folder with cifar-10-batches-py/ (CIFAR-10) or train/ and val/ (ImageNette).",
-        rich_help_panel=DATA,
-    ),
-    download: bool = typer.Option(
-        False,
-        "--download",
-        help="Download CIFAR-10 / ImageNette into --data-dir when missing.",
-        rich_help_panel=DATA,
-    ),
-    image_size: Optional[int] = typer.Option(
-        None,
-        help="ImageNette size in px (default 160); digits upsampling (default 16).",
-        rich_help_panel=DATA,
-    ),
-    aug: str = typer.Option(
-        _DEF.aug,
-        help="Augmentation: none | crop (reflect-pad 4 crop) | crop-flip (crop + horizontal flip); on the device.",
-        rich_help_panel=DATA,
-    ),
-    aug_mult: int = typer.Option(
-        _DEF.aug_mult,
-        help="K augmented views per example, averaged before clipping.",
-        rich_help_panel=DATA,
-    ),
-    public_size: int = typer.Option(
-        _DEF.public_size,
-        help="Public examples for --norm public_batch statistics (NOT protected by DP; "
-        "recorded in result.json).",
-        rich_help_panel=DATA,
-    ),
-    public_source: str = typer.Option(
-        _DEF.public_source,
-        help="Where the public examples come from: split (held out of the training split) or "
-        "a .npy/.pt file of uint8 images N x C x H x W from outside the private data.",
-        rich_help_panel=DATA,
-    ),
-    non_private: bool = typer.Option(
-        False,
-        "--non-private",
-        help="Same loop without clipping and noise; reports no epsilon.",
-        rich_help_panel=PRIVACY,
-    ),
-    epsilon: float = typer.Option(
-        _DEF.epsilon,
-        help="Target epsilon; the noise multiplier is calibrated to it.",
-        rich_help_panel=PRIVACY,
-    ),
-    sigma: Optional[float] = typer.Option(
-        None,
-        help="Use this noise multiplier instead; the epsilon spent is reported.",
-        rich_help_panel=PRIVACY,
-    ),
-    delta: float = typer.Option(
-        _DEF.delta, help="Target delta (must be below 1/N).", rich_help_panel=PRIVACY
-    ),
-    clip: float = typer.Option(
-        _DEF.clip, help="Per-example gradient norm bound C.", rich_help_panel=PRIVACY
-    ),
-    accountant: str = typer.Option(
-        _DEF.accountant, help="prv (default) | rdp.", rich_help_panel=PRIVACY
-    ),
-    sampler: str = typer.Option(
-        _DEF.sampler,
-        help="poisson (required under DP) | shuffle (non-private only).",
-        rich_help_panel=PRIVACY,
-    ),
-    noise: str = typer.Option(
-        _DEF.noise,
-        help="secure (default: batches and noise from a 256-bit OS-CSPRNG key that is never "
-        "written) | seeded (reproducible: keyed by --seed and a secret seed key kept outside "
-        "the run, $SCALEMIX_SEED_KEY or ~/.config/scalemix/seed-key; epsilon assumes that key "
-        "stays secret).",
-        rich_help_panel=PRIVACY,
-    ),
-    audit_canaries: int = typer.Option(
-        _DEF.audit_canaries,
-        help="Add M canaries (each included with probability 1/2) and audit the run: an "
-        "empirical lower bound on epsilon beside the accountant's ('scalemix audit').",
-        rich_help_panel=PRIVACY,
-    ),
-    canary_kind: str = typer.Option(
-        _DEF.canary_kind,
-        help="gradient (white-box Dirac gradients, observed at every step) | input "
-        "(mislabelled training examples, scored by the final model).",
-        rich_help_panel=PRIVACY,
-    ),
-    engine: str = typer.Option(
-        _DEF.engine,
-        help="Per-example clipping engine: scalemix (fast: book-keeping with ghost norms) | vmap (torch.func reference).",
-        rich_help_panel=PRIVACY,
-    ),
-    precision: str = typer.Option(
-        _DEF.precision,
-        help="fp32 | bf16: forward and backward under bf16 autocast; per-example norms, clip "
-        "factors, the clipped sum and the noise stay fp32, so the bound C holds exactly.",
-        rich_help_panel=RUN,
-    ),
-    epochs: float = typer.Option(
-        _DEF.epochs,
-        help="Expected passes over the data (steps = round(epochs / q)); may be fractional.",
-        rich_help_panel=OPTIM,
-    ),
-    batch_size: int = typer.Option(
-        _DEF.batch_size,
-        help="Expected logical batch size (Poisson: q = batch_size / N).",
-        rich_help_panel=OPTIM,
-    ),
-    physical_batch: int = typer.Option(
-        _DEF.physical_batch,
-        help="Examples per forward/backward chunk (bounds memory).",
-        rich_help_panel=OPTIM,
-    ),
-    lr: float = typer.Option(_DEF.lr, help="Learning rate.", rich_help_panel=OPTIM),
-    optimizer: str = typer.Option(
-        _DEF.optimizer, help="sgd | momentum (0.9, Nesterov) | nadam.", rich_help_panel=OPTIM
-    ),
-    weight_decay: float = typer.Option(
-        _DEF.weight_decay, help="Weight decay.", rich_help_panel=OPTIM
-    ),
-    lr_schedule: str = typer.Option(
-        _DEF.lr_schedule, help="constant | cosine.", rich_help_panel=OPTIM
-    ),
-    ema: Optional[float] = typer.Option(
-        _DEF.ema, help="EMA decay of the parameters.", rich_help_panel=OPTIM
-    ),
-    no_ema: bool = typer.Option(False, "--no-ema", help="Keep no EMA.", rich_help_panel=OPTIM),
-    diag_every: int = typer.Option(
-        _DEF.diag_every,
-        help="Steps between diagnostics rows in diagnostics.csv (0: off; step 1 always).",
-        rich_help_panel=DIAG,
-    ),
-    diag_source: str = typer.Option(
-        _DEF.diag_source,
-        help="train: read the step's own batch (free, but NOT covered by DP) | probe: a fixed "
-        "held-out batch in one extra forward pass.",
-        rich_help_panel=DIAG,
-    ),
-    diag_probe_size: int = typer.Option(
-        _DEF.diag_probe_size,
-        help="--diag-source probe: test-split examples in the probe batch.",
-        rich_help_panel=DIAG,
-    ),
+    given: dict,
     wandb: bool = typer.Option(
         False,
         "--wandb",
@@ -198,22 +29,6 @@ def train(
     wandb_project: WandbProject = "scalemix",
     wandb_entity: WandbEntity = None,
     wandb_group: Optional[str] = typer.Option(None, help="W&B group.", rich_help_panel=TRACK),
-    seed: int = typer.Option(
-        _DEF.seed,
-        help="Public seed of model init and augmentation; in --noise seeded mode it also keys "
-        "(with the secret seed key) the batches and noise.",
-        rich_help_panel=RUN,
-    ),
-    device: str = typer.Option(
-        _DEF.device, help="auto (a GPU when there is one) | cpu | cuda.", rich_help_panel=RUN
-    ),
-    out: Path = typer.Option(
-        Path(_DEF.out),
-        "--out",
-        "-o",
-        help="Run directory (config.json, metrics.csv, epochs.csv, result.json).",
-        rich_help_panel=RUN,
-    ),
     resume: bool = typer.Option(
         False,
         "--resume",
@@ -227,12 +42,6 @@ def train(
         "released are added to epsilon.",
         rich_help_panel=RUN,
     ),
-    checkpoint_every: int = typer.Option(
-        _DEF.checkpoint_every,
-        help="Steps between checkpoints (also at each epoch end).",
-        rich_help_panel=RUN,
-    ),
-    threads: Optional[int] = typer.Option(None, help="CPU threads for torch.", rich_help_panel=RUN),
     config: Optional[Path] = typer.Option(
         None,
         "--config",
@@ -278,91 +87,16 @@ def train(
         return _launch_ranks(nproc)
     rank = int(os.environ.get("RANK", "0"))  # under torchrun only rank 0 speaks
     quiet = quiet or rank > 0
-    values = dict(ctx.params)
-    values.pop("nproc")
-    for k in (
-        "resume",
-        "resume_diverged",
-        "quiet",
-        "noise_nonce",
-        "no_ema",
-        "config",
-        "set_",
-        *TRACKING_FLAGS,
-    ):
-        values.pop(k)
-    if no_ema:
-        values["ema"] = None
-    for k in ("data_dir", "out"):
-        values[k] = None if values[k] is None else str(values[k])
-    if sigma is not None:
-        values["epsilon"] = None
-    if non_private:
-        values["epsilon"] = None
-    if config is not None or set_:
-        values = _layered(ctx, values, config, set_, quiet)
-    cfg = TrainConfig.from_dict(values).validate()
-
-    from scalemix.train.loop import train as run_training
-
+    cfg = configure(given, config, set_, quiet)
     resume = resume or resume_diverged
     if resume:
-        saved = RunDir(out).read_config()
-        if saved is None:
-            raise ConfigError(
-                f"--resume: no run in {out} (config.json is missing); drop --resume to start one"
-            )
-        stored = TrainConfig.from_dict(saved["config"])
-        given = {
-            p.name
-            for p in ctx.command.params
-            if ctx.get_parameter_source(p.name) == ParameterSource.COMMANDLINE
-        }
-        given -= {"resume", "resume_diverged", "quiet", "noise_nonce", "out", *TRACKING_FLAGS}
-        if no_ema:
-            given.add("ema")
-        mine, theirs = cfg.as_dict(), stored.as_dict()
-        clash = sorted(k for k in given if k in mine and mine[k] != theirs[k])
-        if clash:
-            raise ConfigError(
-                f"--resume: {', '.join('--' + k.replace('_', '-') for k in clash)} differ from the run in {out}; "
-                "resume with no options but --out, or the same ones"
-            )
-        cfg = stored.replace(out=str(out), threads=cfg.threads)
+        cfg = _resumed(cfg, given)
     log = (lambda *a, **k: None) if quiet else (lambda msg: typer.echo(msg, err=True))
-    if noise_nonce is not None:
-        import re
-
-        if cfg.non_private or cfg.noise != "seeded":
-            raise ConfigError(
-                "--noise-nonce reproduces a seeded run's noise: use it with --noise seeded"
-            )
-        if not re.fullmatch(r"[0-9a-f]{32}", noise_nonce):
-            raise ConfigError(
-                f"--noise-nonce {noise_nonce!r} is not 32 hex digits; copy it from the run's "
-                "config.json (resolved.randomness.noise_nonce)"
-            )
-        log(
-            "reproducing the noise of the run with nonce "
-            f"{noise_nonce}: the two runs share their noise, so publish only one of them"
-        )
-    elif config is not None and not resume and not quiet:
-        from scalemix.train.rundir import read_json
-
-        nonce = ((read_json(Path(config).expanduser()) or {}).get("resolved") or {}).get(
-            "randomness", {}
-        )
-        if isinstance(nonce, dict) and nonce.get("noise_nonce"):
-            log(
-                "note: this run draws its own noise; to reproduce the noise of the run in "
-                f"{config} bit for bit, add --noise-nonce {nonce['noise_nonce']} (then publish "
-                "only one of the two)"
-            )
+    _check_nonce(noise_nonce, cfg, config if not resume else None, log)
     from scalemix.data.datasets import check_available
 
     check_available(cfg.data, cfg.data_dir, cfg.download)  # errors before any header
-    if not quiet:
-        log(_describe(cfg))
+    log(_describe(cfg))
     tracking = None
     if wandb:
         from scalemix.tracking import WandbSettings
@@ -370,6 +104,8 @@ def train(
         tracking = WandbSettings(
             project=wandb_project, entity=wandb_entity, group=wandb_group, job_type="train"
         )
+    from scalemix.train.loop import train as run_training
+
     try:
         result = run_training(
             cfg,
@@ -381,13 +117,98 @@ def train(
             noise_nonce=noise_nonce,
         )
     except KeyboardInterrupt:
-        ckpt = RunDir(cfg.out).checkpoint
-        where = "a checkpoint is saved" if ckpt.exists() else "no step was finished"
+        where = (
+            "a checkpoint is saved"
+            if RunDir(cfg.out).checkpoint.exists()
+            else "no step was finished"
+        )
         typer.echo(
             f"interrupted; {where}. Resume with: scalemix train --out {cfg.out} --resume",
             err=True,
         )
         return 130
+    return _finish(result, cfg.out, rank)
+
+
+def configure(given: dict, config: Path | None, sets: list[str], quiet: bool) -> TrainConfig:
+    """The validated configuration: defaults < --config FILE < the flags given (and what
+    they imply: ``with_implied``) < --set. With a file or a --set, says which fields each
+    layer set."""
+    values, layers = TrainConfig().as_dict(), []
+    if config is not None:
+        from_file = load_config_file(config)
+        # the file's values are checked on their own, even where a later layer overrides them
+        TrainConfig.from_dict({**values, **from_file}).check_types()
+        values.update(from_file)
+        layers.append(f"{config} ({len(from_file)} fields)")
+    flags = with_implied(given)
+    values.update(flags)
+    if flags:
+        layers.append("flags " + ", ".join(sorted(flags)))
+    if sets:
+        from scalemix.ablate.grid import parse_sets
+
+        overrides = parse_sets(sets)
+        values.update(overrides)
+        layers.append("--set " + ", ".join(overrides))
+    if (config is not None or sets) and not quiet:
+        typer.echo("configuration: defaults < " + " < ".join(layers), err=True)
+    return TrainConfig.from_dict(values).validate()
+
+
+def _resumed(cfg: TrainConfig, given: dict) -> TrainConfig:
+    """The configuration of the run in ``cfg.out``; the fields given as flags must match it."""
+    saved = RunDir(cfg.out).read_config()
+    if saved is None:
+        raise ConfigError(
+            f"--resume: no run in {cfg.out} (config.json is missing); drop --resume to start one"
+        )
+    stored = TrainConfig.from_dict(saved["config"])
+    mine, theirs = cfg.as_dict(), stored.as_dict()
+    clash = sorted(k for k in given if k != "out" and mine[k] != theirs[k])
+    if clash:
+        raise ConfigError(
+            f"--resume: {', '.join('--' + k.replace('_', '-') for k in clash)} differ from the run in {cfg.out}; "
+            "resume with no options but --out, or the same ones"
+        )
+    return stored.replace(out=cfg.out, threads=cfg.threads)
+
+
+def _check_nonce(nonce: str | None, cfg: TrainConfig, config: Path | None, log) -> None:
+    """--noise-nonce reproduces a seeded run's noise (and says so); a run re-made from a
+    seeded run's config.json without it is told how to reproduce that run's noise."""
+    if nonce is not None:
+        import re
+
+        if cfg.non_private or cfg.noise != "seeded":
+            raise ConfigError(
+                "--noise-nonce reproduces a seeded run's noise: use it with --noise seeded"
+            )
+        if not re.fullmatch(r"[0-9a-f]{32}", nonce):
+            raise ConfigError(
+                f"--noise-nonce {nonce!r} is not 32 hex digits; copy it from the run's "
+                "config.json (resolved.randomness.noise_nonce)"
+            )
+        log(
+            "reproducing the noise of the run with nonce "
+            f"{nonce}: the two runs share their noise, so publish only one of them"
+        )
+    elif config is not None:
+        from scalemix.train.rundir import read_json
+
+        theirs = ((read_json(Path(config).expanduser()) or {}).get("resolved") or {}).get(
+            "randomness", {}
+        )
+        if isinstance(theirs, dict) and theirs.get("noise_nonce"):
+            log(
+                "note: this run draws its own noise; to reproduce the noise of the run in "
+                f"{config} bit for bit, add --noise-nonce {theirs['noise_nonce']} (then publish "
+                "only one of the two)"
+            )
+
+
+def _finish(result: dict, out: str, rank: int) -> int:
+    """Print the summary line; the exit code (1: not done, ALARM_EXIT: privacy alarm)."""
     if rank > 0:
         return 0 if result["status"] == "done" else 1
     # rounded for people; result.json has the full numbers
@@ -431,40 +252,6 @@ def _round(v, digits: int = 4):
 
         return round(v, max(0, digits - 1 - floor(log10(abs(v)))))
     return v
-
-
-def _layered(ctx: typer.Context, flags: dict, config: Path | None, sets: list[str], quiet: bool):
-    """defaults < --config FILE < flags given on the command line < --set; says which
-    fields each layer set."""
-    from scalemix.ablate.grid import parse_sets
-
-    values = TrainConfig().as_dict()
-    layers = []
-    if config is not None:
-        from_file = load_config_file(config)
-        # the file's values are checked on their own, even where a later layer overrides them
-        TrainConfig.from_dict({**values, **from_file}).check_types()
-        values.update(from_file)
-        layers.append(f"{config} ({len(from_file)} fields)")
-    given = {
-        p.name
-        for p in ctx.command.params
-        if ctx.get_parameter_source(p.name) == ParameterSource.COMMANDLINE and p.name in flags
-    }
-    if "sigma" in given or "non_private" in given:
-        given.add("epsilon")
-    if ctx.get_parameter_source("no_ema") == ParameterSource.COMMANDLINE:
-        given.add("ema")
-    values.update({k: flags[k] for k in given})
-    if given:
-        layers.append("flags " + ", ".join(sorted(given)))
-    if sets:
-        overrides = parse_sets(sets)
-        values.update(overrides)
-        layers.append("--set " + ", ".join(overrides))
-    if not quiet:
-        typer.echo("configuration: defaults < " + " < ".join(layers), err=True)
-    return values
 
 
 def load_config_file(path: Path) -> dict:

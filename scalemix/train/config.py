@@ -1,18 +1,25 @@
-"""The training configuration: one frozen, keyword-only dataclass with documented fields.
+"""The training configuration: one frozen, keyword-only dataclass, each field declared once.
+
+Every field carries its default and a ``Setting``: help text, help panel, allowed values,
+how its flag is spelt, and whether it names what a run computes. ``scalemix train``'s
+options, ``--config FILE``, ``--set key=value``, the grid validator and
+``docs/config.md`` are generated from these declarations (``scalemix.cli.options``), so
+no field is described in two places that could drift apart.
 
 ``batch_size`` is the *expected* logical batch size that Poisson sampling and the
 accountant assume (q = batch_size / train set size); ``physical_batch`` only bounds
-memory. ``resolve()`` checks every field and refuses unsafe privacy settings with the
+memory. ``validate()`` checks every field and refuses unsafe privacy settings with the
 reason (BatchNorm under DP, a sampler the accountant does not describe, ...).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import Field, asdict, dataclass, field, fields, replace
 
 from scalemix.choices import (
     ACCOUNTANTS,
+    ACTS,
     AUGMENTATIONS,
     BATCH_COUPLED_NORMS,
     CANARY_KINDS,
@@ -21,75 +28,260 @@ from scalemix.choices import (
     DIAG_SOURCES,
     DP_ENGINES,
     NOISE_MODES,
+    NORMS,
     OPTIMIZERS,
+    PLACEMENTS,
     PRECISIONS,
     SAMPLERS,
     SCHEDULES,
+    WS_MODES,
 )
 from scalemix.errors import ConfigError, PrivacyError
+
+# the help panels of 'scalemix train --help' and the sections of docs/config.md
+MODEL = "Model (default: the architecture's; see 'scalemix models')"
+DATA, PRIVACY, OPTIM, DIAG, RUN = "Data", "Privacy", "Optimisation", "Diagnostics", "Run"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Setting:
+    """What one configuration field means to people and to the command line."""
+
+    help: str  # the flag's help and the field's documentation (Markdown, one paragraph)
+    panel: str  # help panel and docs section
+    choices: tuple[str, ...] = ()  # the allowed values (validate() checks them)
+    positive: bool = False  # validate(): must be a number > 0
+    path: bool = False  # a file or folder: the flag parses a path; stored as a string
+    short: str | None = None  # a one-letter alias of the flag, e.g. -o
+    off: str | None = None  # help of a --no-NAME flag that sets the field to None
+    clears: tuple[str, ...] = ()  # fields that this flag, when given, sets to None
+    flag: bool = True  # False: no flag; set in a config file or with --set
+    identity: bool = True  # part of TrainConfig.identity() (changes what a run computes)
+    cell: str = "always"  # in a grid cell's hash: always | never | unless-default
+
+
+def setting(default, help: str, panel: str, **kw) -> Field:
+    """A dataclass field: its default and its ``Setting``."""
+    return field(default=default, metadata={"setting": Setting(help=help, panel=panel, **kw)})
 
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     # --- model (None = the architecture's default; see `scalemix models`)
-    model: str = "resnet9"
-    norm: str | None = None  # group | layer | instance | none | public_batch | batch
-    groups: int | None = None  # GroupNorm groups, 1..64, must divide the channels
-    scalenorm: bool | None = None  # extra norm right after each residual addition
-    placement: str | None = None  # standard (conv->norm->act) | preact (norm->act->conv)
-    ws: str | None = None  # weight standardisation: none | plain | scaled
-    act: str | None = None  # relu | mish | silu
+    model: str = setting(
+        "resnet9",
+        "Architecture: resnet9, resnet9_small, resnet9_tiny, resnet18, resnet50, wrn16_4, "
+        "wrn40_4, nf_resnet (see `scalemix models`).",
+        MODEL,
+    )
+    norm: str | None = setting(
+        None,
+        "group | layer | instance | none | public_batch | batch (batch: --non-private only).",
+        MODEL,
+        choices=NORMS,
+    )
+    groups: int | None = setting(
+        None, "GroupNorm groups (1-64, min(groups, C) per layer; must divide the channels).", MODEL
+    )
+    scalenorm: bool | None = setting(
+        None, "Extra norm right after every residual addition (Klause et al.).", MODEL
+    )
+    placement: str | None = setting(
+        None, "standard (conv->norm->act) | preact (norm->act->conv).", MODEL, choices=PLACEMENTS
+    )
+    ws: str | None = setting(
+        None, "Weight standardisation: none | plain | scaled.", MODEL, choices=WS_MODES
+    )
+    act: str | None = setting(None, "Activation: relu | mish | silu.", MODEL, choices=ACTS)
     # --- data
-    data: str = "digits"  # digits (embedded, offline) | cifar10 | imagenette
-    data_dir: str | None = None  # folder with cifar-10-batches-py/ or ImageNette's train/ val/
-    download: bool = False  # fetch CIFAR-10 / ImageNette into data_dir when missing
-    image_size: int | None = None  # ImageNette resize (default 160) / digits upsampling (16)
-    public_size: int = 0  # examples of public data for public_batch norm (NOT protected by DP)
-    public_source: str = "split"  # split (held out of the training split) | FILE (.npy/.pt uint8)
-    aug: str = "none"  # none | crop-flip (reflect-pad 4 + random crop, horizontal flip)
-    aug_mult: int = 1  # K: augmented views per example, averaged before clipping
+    data: str = setting(
+        "digits",
+        "digits (embedded in scikit-learn, offline) | cifar10 | imagenette.",
+        DATA,
+        choices=DATASETS,
+    )
+    data_dir: str | None = setting(
+        None,
+        "Folder with cifar-10-batches-py/ (CIFAR-10) or train/ and val/ (ImageNette).",
+        DATA,
+        path=True,
+    )
+    download: bool = setting(
+        False, "Download CIFAR-10 / ImageNette into --data-dir when missing.", DATA
+    )
+    image_size: int | None = setting(
+        None, "ImageNette size in px (default 160); digits upsampling (default 16).", DATA
+    )
+    public_size: int = setting(
+        0,
+        "Public examples for --norm public_batch statistics (NOT protected by DP; recorded in "
+        "result.json).",
+        DATA,
+    )
+    public_source: str = setting(
+        "split",
+        "Where the public examples come from: split (held out of the training split) or a "
+        ".npy/.pt file of uint8 images N x C x H x W from outside the private data.",
+        DATA,
+    )
+    aug: str = setting(
+        "none",
+        "Augmentation: none | crop (reflect-pad 4 crop) | crop-flip (crop + horizontal flip); "
+        "on the device.",
+        DATA,
+        choices=AUGMENTATIONS,
+    )
+    aug_mult: int = setting(
+        1, "K augmented views per example, averaged before clipping.", DATA, positive=True
+    )
     # --- privacy
-    non_private: bool = False  # same loop, no clipping, no noise, no epsilon
-    epsilon: float | None = 8.0  # target epsilon: sigma is calibrated to it
-    sigma: float | None = None  # or: a given noise multiplier (epsilon is then reported)
-    delta: float = 1e-5
-    clip: float = 1.5  # per-example gradient norm bound C
-    accountant: str = "prv"  # prv (default) | rdp
-    sampler: str = "poisson"  # poisson (DP) | shuffle (non-private only)
-    noise: str = "secure"  # secure (OS CSPRNG key, never written) | seeded (secret seed key; noise per run) | seeded-shared
-    audit_canaries: int = 0  # M canaries for a one-run privacy audit (0: none); see scalemix.audit
-    canary_kind: str = "gradient"  # gradient (white box, Dirac) | input (black box, mislabelled)
-    engine: str = "scalemix"  # per-example engine: scalemix (fast, ghost norms) | vmap (reference)
-    precision: str = "fp32"  # fp32 | bf16 (autocast; norms, clip factors, sums, noise in fp32)
+    non_private: bool = setting(
+        False,
+        "Same loop without clipping and noise; reports no epsilon.",
+        PRIVACY,
+        clears=("epsilon",),
+    )
+    epsilon: float | None = setting(
+        8.0, "Target epsilon; the noise multiplier is calibrated to it.", PRIVACY
+    )
+    sigma: float | None = setting(
+        None,
+        "Use this noise multiplier instead; the epsilon spent is reported.",
+        PRIVACY,
+        clears=("epsilon",),
+    )
+    delta: float = setting(1e-5, "Target delta (must be below 1/N).", PRIVACY)
+    clip: float = setting(1.5, "Per-example gradient norm bound C.", PRIVACY)
+    accountant: str = setting("prv", "prv (default) | rdp.", PRIVACY, choices=ACCOUNTANTS)
+    sampler: str = setting(
+        "poisson",
+        "poisson (required under DP) | shuffle (non-private only).",
+        PRIVACY,
+        choices=SAMPLERS,
+    )
+    noise: str = setting(
+        "secure",
+        "secure (default: batches and noise from a 256-bit OS-CSPRNG key that is never "
+        "written) | seeded (reproducible: keyed by --seed and a secret seed key kept outside "
+        "the run, $SCALEMIX_SEED_KEY or ~/.config/scalemix/seed-key; epsilon assumes that key "
+        "stays secret) | seeded-shared (as seeded, and the runs of one seed share their noise "
+        "too: each run alone is DP, two together are not).",
+        PRIVACY,
+        choices=NOISE_MODES,
+    )
+    audit_canaries: int = setting(
+        0,
+        "Add M canaries (each included with probability 1/2) and audit the run: an empirical "
+        "lower bound on epsilon beside the accountant's ('scalemix audit').",
+        PRIVACY,
+    )
+    canary_kind: str = setting(
+        "gradient",
+        "gradient (white-box Dirac gradients, observed at every step) | input (mislabelled "
+        "training examples, scored by the final model).",
+        PRIVACY,
+        choices=CANARY_KINDS,
+    )
+    engine: str = setting(
+        "scalemix",
+        "Per-example clipping engine: scalemix (fast: book-keeping with ghost norms) | vmap "
+        "(torch.func reference).",
+        PRIVACY,
+        choices=DP_ENGINES,
+    )
+    precision: str = setting(
+        "fp32",
+        "fp32 | bf16: forward and backward under bf16 autocast; per-example norms, clip "
+        "factors, the clipped sum and the noise stay fp32, so the bound C holds exactly.",
+        RUN,
+        choices=PRECISIONS,
+        cell="unless-default",  # added after the first grids ran: their cell ids stay valid
+    )
     # --- optimisation
-    epochs: float = 10.0  # passes over the data in expectation: steps = round(epochs / q)
-    batch_size: int = 256  # expected logical batch size (what the accountant assumes)
-    physical_batch: int = 32  # examples per forward/backward chunk (memory bound)
-    lr: float = 1e-3
-    optimizer: str = "nadam"  # sgd | momentum (0.9, Nesterov) | nadam
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    lr_schedule: str = "constant"  # constant | cosine (over the planned steps)
-    ema: float | None = 0.999  # EMA decay of the parameters (None: off)
+    epochs: float = setting(
+        10.0,
+        "Expected passes over the data (steps = round(epochs / q)); may be fractional.",
+        OPTIM,
+        positive=True,
+    )
+    batch_size: int = setting(
+        256,
+        "Expected logical batch size (Poisson: q = batch_size / N).",
+        OPTIM,
+        positive=True,
+    )
+    physical_batch: int = setting(
+        32, "Examples per forward/backward chunk (bounds memory).", OPTIM, positive=True
+    )
+    lr: float = setting(1e-3, "Learning rate.", OPTIM, positive=True)
+    optimizer: str = setting(
+        "nadam",
+        "sgd | momentum (0.9 unless --set momentum=..., Nesterov) | nadam.",
+        OPTIM,
+        choices=OPTIMIZERS,
+    )
+    momentum: float = setting(
+        0.9,
+        "Momentum of --optimizer momentum, in [0, 1) (no flag: --set momentum=0.95 or a "
+        "config file).",
+        OPTIM,
+        flag=False,
+    )
+    weight_decay: float = setting(0.0, "Weight decay.", OPTIM)
+    lr_schedule: str = setting("constant", "constant | cosine.", OPTIM, choices=SCHEDULES)
+    ema: float | None = setting(0.999, "EMA decay of the parameters.", OPTIM, off="Keep no EMA.")
     # --- diagnostics (scalemix.diagnostics)
-    diag_every: int = 10  # steps between diagnostics rows (0: off); step 1 is always logged
-    diag_source: str = "train"  # train (the step's own batch: NOT covered by DP) | probe (held-out)
-    diag_probe_size: int = 256  # probe: examples of the test split read at each logging step
+    diag_every: int = setting(
+        10, "Steps between diagnostics rows in diagnostics.csv (0: off; step 1 always).", DIAG
+    )
+    diag_source: str = setting(
+        "train",
+        "train: read the step's own batch (free, but NOT covered by DP) | probe: a fixed "
+        "held-out batch in one extra forward pass.",
+        DIAG,
+        choices=DIAG_SOURCES,
+    )
+    diag_probe_size: int = setting(
+        256, "--diag-source probe: test-split examples in the probe batch.", DIAG
+    )
     # --- run
-    seed: int = 0  # public: model init; (seeded modes) with the secret seed key, keys batches, augmentation and noise
-    device: str = "auto"  # auto | cpu | cuda
-    out: str = "runs/train"
-    checkpoint_every: int = 50  # steps between checkpoints (and at every epoch end)
-    threads: int | None = None  # CPU threads for torch (default: torch's choice)
+    seed: int = setting(
+        0,
+        "Public seed of the model's initialisation; in the seeded noise modes it also keys "
+        "(with the secret seed key) the batches, augmentations, canaries and noise.",
+        RUN,
+    )
+    device: str = setting(
+        "auto",
+        "auto (a GPU when there is one) | cpu | cuda.",
+        RUN,
+        choices=DEVICES,
+        cell="never",  # the same experiment on another device is the same grid cell
+    )
+    out: str = setting(
+        "runs/train",
+        "Run directory (config.json, metrics.csv, epochs.csv, result.json).",
+        RUN,
+        path=True,
+        short="-o",
+        identity=False,
+        cell="never",
+    )
+    checkpoint_every: int = setting(
+        50,
+        "Steps between checkpoints (also at each epoch end).",
+        RUN,
+        positive=True,
+        identity=False,
+        cell="never",
+    )
+    threads: int | None = setting(None, "CPU threads for torch.", RUN, identity=False, cell="never")
 
     def replace(self, **kw) -> TrainConfig:
         return replace(self, **kw)
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-    # fields that change no number a run releases: they are not part of its identity
-    _NOT_IDENTITY = ("out", "threads", "checkpoint_every")
 
     def identity(self) -> str:
         """A name for what this run computes: a hash of every field except where it is
@@ -99,7 +291,7 @@ class TrainConfig:
         import hashlib
         import json
 
-        d = {k: v for k, v in self.as_dict().items() if k not in self._NOT_IDENTITY}
+        d = {k: v for k, v in self.as_dict().items() if SETTINGS[k].identity}
         if self.canary_kind == "gradient":
             # gradient canaries live on an audit vector beside the model: the model's
             # updates are those of the same run without them, so it is the same release
@@ -114,7 +306,8 @@ class TrainConfig:
         if unknown:
             raise ConfigError(
                 f"unknown configuration keys: {', '.join(sorted(unknown))} "
-                f"(the fields are those of 'scalemix train --help', with _ for -)"
+                "(docs/config.md lists the fields: the flags of 'scalemix train --help', "
+                "with _ for -)"
             )
         return cls(**d)
 
@@ -135,9 +328,7 @@ class TrainConfig:
         """Every field has its declared type (a string from a config file or --set that
         should be a number is named here, before anything else reads it)."""
         for f in fields(self):
-            v, t = getattr(self, f.name), str(f.type)
-            optional = "None" in t
-            base = t.replace(" | None", "").strip()
+            v, (base, optional) = getattr(self, f.name), field_type(f)
             flag = "--" + f.name.replace("_", "-")
             if v is None:
                 if optional:
@@ -170,41 +361,21 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         """Check every field; raise ConfigError / PrivacyError with what to do."""
         self.check_types()
-
-        def choice(value, allowed, flag):
-            if value not in allowed:
-                raise ConfigError(f"{flag} {value!r} is not one of: {', '.join(allowed)}")
-
-        choice(self.data, DATASETS, "--data")
-        choice(self.aug, AUGMENTATIONS, "--aug")
-        choice(self.accountant, ACCOUNTANTS, "--accountant")
-        choice(self.sampler, SAMPLERS, "--sampler")
-        choice(self.noise, NOISE_MODES, "--noise")
-        choice(self.optimizer, OPTIMIZERS, "--optimizer")
-        choice(self.lr_schedule, SCHEDULES, "--lr-schedule")
-        choice(self.device, DEVICES, "--device")
-        positive = {
-            "--epochs": self.epochs,
-            "--batch-size": self.batch_size,
-            "--physical-batch": self.physical_batch,
-            "--lr": self.lr,
-            "--aug-mult": self.aug_mult,
-            "--checkpoint-every": self.checkpoint_every,
-        }
-        for flag, v in positive.items():
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+        for name, s in SETTINGS.items():
+            v, flag = getattr(self, name), "--" + name.replace("_", "-")
+            if s.choices and v is not None and v not in s.choices:
+                raise ConfigError(f"{flag} {v!r} is not one of: {', '.join(s.choices)}")
+            if s.positive and not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise ConfigError(f"{flag} must be a positive number, got {v}")
         if self.weight_decay < 0 or not 0 <= self.momentum < 1:
             raise ConfigError("--weight-decay must be >= 0 and --momentum in [0, 1)")
         if self.ema is not None and not 0 < self.ema < 1:
             raise ConfigError(f"--ema must be in (0, 1) (or --no-ema), got {self.ema}")
-        choice(self.diag_source, DIAG_SOURCES, "--diag-source")
         if self.diag_every < 0 or self.diag_probe_size < 1:
             raise ConfigError(
                 f"--diag-every must be >= 0 (0: off) and --diag-probe-size >= 1, "
                 f"got {self.diag_every} and {self.diag_probe_size}"
             )
-        choice(self.canary_kind, CANARY_KINDS, "--canary-kind")
         if self.audit_canaries < 0 or (self.audit_canaries and self.sampler != "poisson"):
             raise ConfigError(
                 f"--audit-canaries must be >= 0 and needs --sampler poisson, got "
@@ -250,10 +421,27 @@ class TrainConfig:
                 raise ConfigError(f"--sigma must be a positive number, got {self.sigma}")
         elif self.epsilon is None or not (math.isfinite(self.epsilon) and self.epsilon > 0):
             raise ConfigError(f"--epsilon must be a positive number, got {self.epsilon}")
-        choice(self.engine, DP_ENGINES, "--engine")
-        choice(self.precision, PRECISIONS, "--precision")
         if self.precision == "bf16" and self.engine != "scalemix":
             raise ConfigError(
                 "--precision bf16 needs --engine scalemix (it keeps the norms in fp32)"
             )
         return self
+
+
+SETTINGS: dict[str, Setting] = {f.name: f.metadata["setting"] for f in fields(TrainConfig)}
+
+
+def field_type(f: Field) -> tuple[str, bool]:
+    """A field's base type (int, float, bool or str) and whether it may be None."""
+    t = str(f.type)
+    return t.replace(" | None", "").strip(), "None" in t
+
+
+def with_implied(given: dict) -> dict:
+    """The fields given as command-line flags, and what they imply: a given --sigma (or
+    --non-private) leaves no target epsilon (``Setting.clears``)."""
+    out = dict(given)
+    for name, v in given.items():
+        if v is not None and v is not False:
+            out.update(dict.fromkeys(SETTINGS[name].clears))
+    return out
