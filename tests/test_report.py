@@ -18,102 +18,8 @@ from scalemix.report.analysis import analyse, privacy_settings
 from scalemix.report.collect import collect
 from scalemix.train.rundir import write_json_atomic
 
-GRID = """
-name = "planted"
-description = "generated runs: ScaleNorm adds {effect} points, groups add nothing"
-seeds = {seeds}
-[base]
-model = "resnet9"
-data = "digits"
-image_size = 8
-sigma = 1.0
-[axes]
-groups = [1, 4, 16]
-scalenorm = [false, true]
-[report]
-primary = "groups"
-paired = "scalenorm"
-"""
-
-
-N_TEST = 600
-
-
-def make_grid_dir(
-    tmp_path, effect: float, seeds: int = 8, fail_one: bool = False, single_axis: bool = False
-):
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    p = tmp_path / "planted.toml"
-    text = GRID.format(effect=effect, seeds=list(range(seeds)))
-    if single_axis:  # one axis, no paired axis: each level against the first
-        text = text.replace("scalenorm = [false, true]\n", "").replace('paired = "scalenorm"\n', "")
-    p.write_text(text)
-    grid = load_grid(str(p))
-    cells = grid.cells()
-    gd = GridDir(tmp_path / "grid")
-    gd.write_plan(grid, cells)
-    rng = np.random.default_rng(7)
-    seed_effect = rng.normal(0, 0.01, seeds)
-    for i, c in enumerate(cells):
-        d = gd.cell_dir(c.id)
-        boost = c.axes["scalenorm"] if "scalenorm" in c.axes else c.axes["groups"] == 16
-        acc = 0.80 + seed_effect[c.seed] + effect * boost + rng.normal(0, 0.004)
-        status = "failed" if fail_one and i == 0 else "done"
-        write_json_atomic(
-            d / "config.json",
-            {
-                "config": c.config.as_dict(),
-                "resolved": {
-                    "model_axes": c.config.model_axes().as_dict(),
-                    "data": {"shape": [1, 8, 8]},
-                    "steps": 20,
-                },
-            },
-        )
-        write_json_atomic(
-            d / "result.json",
-            {
-                "status": status,
-                "test_acc": acc if status == "done" else None,
-                "epsilon": 7.99,
-                "delta": 1e-5,
-                "sigma": 1.0,
-                "clip": 1.5,
-                "expected_batch_size": 256,
-                "accountant": "prv",
-                "sampler": "poisson",
-                "noise": "seeded",
-                "train_seconds": 10.0,
-                "error": "boom" if status == "failed" else None,
-            },
-        )
-        if status == "done":  # per example: each test example right with probability acc
-            labels = np.arange(N_TEST) % 10
-            right = rng.random(N_TEST) < acc
-            np.save(d / "test_labels.npy", labels.astype(np.int16))
-            np.save(d / "test_predictions.npy", np.where(right, labels, (labels + 1) % 10))
-            pd.DataFrame(
-                {
-                    "step": [10, 20],
-                    "epoch": [0.5, 1.0],
-                    "epsilon": [5.0, 7.99],
-                    "test_acc": [acc - 0.1, acc],
-                }
-            ).to_csv(d / "epochs.csv", index=False)
-        ratio = -1.0 + (0.5 if boost else 0.0)
-        rows = [
-            {
-                "step": s,
-                "block": b,
-                "metric": "log2_scale_ratio",
-                "value": ratio + 0.01 * s + rng.normal(0, 0.05),
-                "source": "train",
-            }
-            for s in (1, 10, 20)
-            for b in ("res1", "res2")
-        ]
-        pd.DataFrame(rows).to_csv(d / "diagnostics.csv", index=False)
-    return gd.root
+from .report_helpers import GRID, grid_runs, make_grid_dir, simulated, simulated_crn
+from .report_helpers import GRID_N_TEST as N_TEST
 
 
 def test_planted_effect_is_found_and_null_axis_is_not(tmp_path):
@@ -273,26 +179,6 @@ def test_an_epsilon_axis_is_not_confused_with_the_epsilon_spent(tmp_path):
     build_report(gd.root, log=lambda *_: None)
 
 
-def _simulated(n_seeds, cell_means, seed, sd=0.005, seed_sd=0.01):
-    """Runs of a groups x scalenorm grid with the given cell means (no files)."""
-    rng = np.random.default_rng(seed)
-    seed_eff = rng.normal(0, seed_sd, n_seeds)
-    rows = []
-    for (g, sn), mu in cell_means.items():
-        for s in range(n_seeds):
-            rows.append(
-                {
-                    "id": f"{g}-{sn}-{s}",
-                    "status": "done",
-                    "seed": s,
-                    "groups": g,
-                    "scalenorm": sn,
-                    "test_acc": mu + seed_eff[s] + rng.normal(0, sd),
-                }
-            )
-    return pd.DataFrame(rows)
-
-
 PLAN = {
     "grid": {
         "name": "sim",
@@ -312,40 +198,13 @@ def test_planted_interaction_is_found_by_the_grid_model_and_the_findings():
     means = {
         (g, sn): 0.80 + (0.03 if sn and g == 1 else 0.0) for g in (1, 4, 16) for sn in (False, True)
     }
-    an = analyse(_simulated(6, means, seed=3), PLAN)
+    an = analyse(simulated(6, means, seed=3), PLAN)
     gm = an.grid_model.set_index("term")
     assert gm.loc["groups x scalenorm", "p"] < 0.01
     text = " ".join(an.findings)
     assert "groups x scalenorm has an effect" in text
     comp = an.comparisons.set_index("groups")
     assert comp.loc[1, "p_adj"] < 0.05 and comp.loc[16, "p_adj"] > 0.05
-
-
-def _simulated_crn(n_seeds, seed, sd=0.005):
-    """A null groups x scalenorm grid whose cells of one seed share random streams in the
-    ways the example grid showed: a seed shift in every cell, one pattern shared by the
-    cells of each ScaleNorm level (the no-ScaleNorm cells of a seed correlate ~0.95), and
-    a seed x groups pattern whose size grows with the group count (no sphericity)."""
-    rng = np.random.default_rng(seed)
-    shift = rng.normal(0, 0.02, n_seeds)
-    by_sn = rng.normal(0, 0.03, (n_seeds, 2))
-    by_g = rng.normal(0, 1.0, n_seeds)[:, None] * np.array([0.002, 0.01, 0.03])
-    rows = []
-    for gi, g in enumerate((1, 4, 16)):
-        for sn in (False, True):
-            for s in range(n_seeds):
-                acc = 0.8 + shift[s] + by_sn[s, int(sn)] + by_g[s, gi] + rng.normal(0, sd)
-                rows.append(
-                    {
-                        "id": f"{g}-{sn}-{s}",
-                        "status": "done",
-                        "seed": s,
-                        "groups": g,
-                        "scalenorm": sn,
-                        "test_acc": acc,
-                    }
-                )
-    return pd.DataFrame(rows)
 
 
 @pytest.mark.parametrize("crn", [False, True], ids=["independent", "common-random-numbers"])
@@ -357,7 +216,7 @@ def test_a_null_grid_yields_no_primary_finding_beyond_the_level(crn):
     hits = 0
     sims = 400
     for i in range(sims):
-        runs = _simulated_crn(3, 100 + i) if crn else _simulated(3, means, seed=100 + i)
+        runs = simulated_crn(3, 100 + i) if crn else simulated(3, means, seed=100 + i)
         an = analyse(runs, PLAN, descriptive=False)
         verdicts = (
             list(an.comparisons.verdict)
@@ -371,7 +230,7 @@ def test_a_null_grid_yields_no_primary_finding_beyond_the_level(crn):
 
 def test_diverged_runs_stay_in_the_tables_and_move_the_sensitivity_analysis():
     means = {(g, sn): 0.80 + 0.02 * sn for g in (1, 4, 16) for sn in (False, True)}
-    runs = _simulated(4, means, seed=5)
+    runs = simulated(4, means, seed=5)
     bad = (runs.groups == 1) & runs.scalenorm  # this cell diverges in every seed
     runs.loc[bad, "status"] = "diverged"
     runs.loc[bad, "test_acc"] = None
@@ -389,7 +248,7 @@ def test_audit_bounds_per_cell_and_the_alarm_on_the_first_page():
     from scalemix.report import display_tables
 
     means = {(g, sn): 0.80 for g in (1, 4, 16) for sn in (False, True)}
-    runs = _simulated(3, means, seed=9)
+    runs = simulated(3, means, seed=9)
     runs["epsilon_spent"], runs["delta"] = 8.0, 1e-5
     runs["epsilon_lower_bound"] = 1.2
     runs["privacy_alarm"] = False
@@ -451,7 +310,7 @@ def test_primary_questions_join_the_report_wide_correction(tmp_path):
     means = {
         (g, sn): 0.80 + (0.03 if sn and g == 1 else 0.0) for g in (1, 4, 16) for sn in (False, True)
     }
-    an = analyse(_simulated(6, means, seed=3), plan)
+    an = analyse(simulated(6, means, seed=3), plan)
     gm = an.grid_model.set_index("term")
     assert gm.loc["groups x scalenorm", "primary"] and not gm.loc["groups", "primary"]
     k = len(an.comparisons) + len(an.omnibus) + 1  # the family: comparisons, omnibus, question
@@ -488,22 +347,12 @@ def test_a_bad_report_table_is_refused_with_one_line(tmp_path, report, message):
 
 def test_a_configuration_that_is_unstable_across_seeds_is_found_by_brown_forsythe():
     rng = np.random.default_rng(0)
-    rows = []
-    for sn in (False, True):
-        for g in (1, 4, 16):
-            for s in range(8):
-                sd = 0.05 if not sn else 0.005  # ScaleNorm: same mean, ten times steadier
-                rows.append(
-                    {
-                        "id": f"{g}{sn}{s}",
-                        "status": "done",
-                        "seed": s,
-                        "groups": g,
-                        "scalenorm": sn,
-                        "test_acc": 0.8 + rng.normal(0, sd),
-                    }
-                )
-    an = analyse(pd.DataFrame(rows), PLAN)
+    runs = grid_runs(  # ScaleNorm: same mean, ten times steadier
+        lambda scalenorm, groups, seed: 0.8 + rng.normal(0, 0.005 if scalenorm else 0.05),
+        8,
+        {"scalenorm": (False, True), "groups": (1, 4, 16)},
+    )
+    an = analyse(runs, PLAN)
     disp = an.dispersion.set_index("axis")
     assert disp.loc["scalenorm", "p"] < 0.001 and disp.loc["groups", "p"] > 0.01
     sd = disp.loc["scalenorm", "pooled_sd"]

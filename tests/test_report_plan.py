@@ -164,7 +164,7 @@ def test_the_title_page_describes_the_preset_that_ran(tmp_path):
     from scalemix.report.analysis import analyse
     from scalemix.report.pdf import title_lines
 
-    from .test_report_seed_unit import quick_plan, quick_runs
+    from .report_helpers import quick_plan, quick_runs
 
     plan = quick_plan()
     plan["grid"]["preset_description"] = "the embedded digits at 8 px, 2 epochs"
@@ -228,7 +228,7 @@ def test_ablate_prints_one_report_line(tmp_path, monkeypatch):
 def test_the_report_and_status_give_the_privacy_of_the_whole_grid(tmp_path):
     from scalemix.report import build_report
 
-    from .test_report import make_grid_dir
+    from .report_helpers import make_grid_dir
 
     root = make_grid_dir(tmp_path, effect=0.02, seeds=3)
     pdf = build_report(root, log=lambda *_: None)

@@ -15,56 +15,8 @@ from scipy import stats as sps
 from scalemix.report import stats as st
 from scalemix.report.analysis import analyse, marginal_means
 
-# reports/gn_groups-quick (2026-11-23): correct test predictions of 359, seeds 0, 1, 2,
-# of the raw weights and of the EMA weights
-QUICK = {
-    (1, False): ([281, 322, 258], [327, 315, 301]),
-    (1, True): ([316, 329, 305], [323, 330, 310]),
-    (4, False): ([302, 324, 267], [322, 318, 307]),
-    (4, True): ([323, 317, 293], [323, 328, 323]),
-    (16, False): ([287, 327, 267], [332, 317, 302]),
-    (16, True): ([311, 324, 294], [329, 326, 325]),
-    (64, False): ([291, 319, 273], [323, 322, 310]),
-    (64, True): ([284, 307, 309], [311, 299, 305]),
-}
-N_TEST = 359
-
-
-def quick_runs() -> pd.DataFrame:
-    rows = []
-    for (g, sn), (raw, ema) in QUICK.items():
-        for s in range(3):
-            rows.append(
-                {
-                    "id": f"{g}-{sn}-{s}",
-                    "status": "done",
-                    "seed": s,
-                    "groups": g,
-                    "scalenorm": sn,
-                    "test_acc": raw[s] / N_TEST,
-                    "test_acc_ema": ema[s] / N_TEST,
-                    "test_size": N_TEST,
-                }
-            )
-    return pd.DataFrame(rows)
-
-
-def quick_plan(**report) -> dict:
-    rep = {
-        "primary": "groups",
-        "paired": "scalenorm",
-        "questions": ["groups", "scalenorm", "groups x scalenorm"],
-        **report,
-    }
-    return {
-        "grid": {
-            "name": "gn_groups",
-            "preset": "quick",
-            "axes": {"groups": [1, 4, 16, 64], "scalenorm": [False, True]},
-            "seeds": [0, 1, 2],
-            "report": rep,
-        }
-    }
+from .report_helpers import QUICK_AXES, grid_runs, quick_plan, quick_runs
+from .report_helpers import QUICK_N_TEST as N_TEST
 
 
 def _anovarm(runs: pd.DataFrame, metric: str):
@@ -186,20 +138,11 @@ def test_the_marginal_interval_over_seed_means_covers_on_a_planted_crn_grid():
     truth = 0.80
     for _ in range(sims):
         seed_eff = rng.normal(0, 0.03, 3)
-        rows = [
-            {
-                "id": f"{g}{sn}{s}",
-                "status": "done",
-                "seed": s,
-                "groups": g,
-                "scalenorm": sn,
-                "test_acc": truth + seed_eff[s] + rng.normal(0, 0.005),
-            }
-            for g in (1, 4, 16, 64)
-            for sn in (False, True)
-            for s in range(3)
-        ]
-        runs = pd.DataFrame(rows)
+        runs = grid_runs(
+            lambda groups, scalenorm, seed, e=seed_eff: truth + e[seed] + rng.normal(0, 0.005),
+            3,
+            QUICK_AXES,
+        )
         m = marginal_means(runs, runs, ["groups", "scalenorm"], "test_acc", plan)
         r = m[(m.axis == "scalenorm") & (m.level == False)].iloc[0]  # noqa: E712
         cover += r.ci_low <= truth <= r.ci_high
@@ -225,20 +168,11 @@ def test_one_removed_run_cannot_flip_a_verdict():
         assert not (gm[gm.primary].verdict == "effect").any(), (i, gm[["term", "p"]])
     rng = np.random.default_rng(3)
     shift = rng.normal(0, 0.03, 6)
-    rows = [
-        {
-            "id": f"{g}{sn}{s}",
-            "status": "done",
-            "seed": s,
-            "groups": g,
-            "scalenorm": sn,
-            "test_acc": 0.8 + shift[s] + 0.03 * sn + rng.normal(0, 0.004),
-        }
-        for g in (1, 4, 16, 64)
-        for sn in (False, True)
-        for s in range(6)
-    ]
-    planted = pd.DataFrame(rows)
+    planted = grid_runs(
+        lambda groups, scalenorm, seed: 0.8 + shift[seed] + 0.03 * scalenorm + rng.normal(0, 0.004),
+        6,
+        QUICK_AXES,
+    )
     plan = quick_plan()
     plan["grid"]["seeds"] = list(range(6))
     base = analyse(planted, plan, descriptive=False).grid_model.set_index("term")
@@ -263,24 +197,20 @@ def test_equivalence_reads_a_null_result_and_inconclusive_is_said():
     equivalent within 1 point; 3 noisy seeds are inconclusive; nothing is ever written as
     'no effect'."""
     rng = np.random.default_rng(0)
-    rows = []
+    parts = []
     for sd, n, tag in ((0.002, 10, "tight"), (0.03, 3, "noisy")):
         shift = rng.normal(0, 0.01, n)
-        for g in (1, 4, 16, 64):
-            for sn in (False, True):
-                for s in range(n):
-                    rows.append(
-                        {
-                            "id": f"{tag}{g}{sn}{s}",
-                            "status": "done",
-                            "seed": s,
-                            "groups": g,
-                            "scalenorm": sn,
-                            "test_acc": 0.8 + shift[s] + rng.normal(0, sd),
-                            "tag": tag,
-                        }
-                    )
-    runs = pd.DataFrame(rows)
+        parts.append(
+            grid_runs(
+                lambda groups, scalenorm, seed, shift=shift, sd=sd: (
+                    0.8 + shift[seed] + rng.normal(0, sd)
+                ),
+                n,
+                QUICK_AXES,
+                tag=tag,
+            )
+        )
+    runs = pd.concat(parts, ignore_index=True)
     tight = analyse(runs[runs.tag == "tight"], quick_plan(sesoi=1.0))
     noisy = analyse(runs[runs.tag == "noisy"], quick_plan(sesoi=1.0))
     assert (tight.comparisons.verdict == "equivalent").all()
@@ -312,25 +242,19 @@ def test_gatekeeping_tests_a_family_only_after_the_one_before_it():
     assert an.family_sizes == {"interaction": 1, "main effects": 2, "simple effects": 6}
     # everything planted: every gate opens
     rng = np.random.default_rng(2)
-    rows = [
-        {
-            "id": f"{g}{sn}{s}",
-            "status": "done",
-            "seed": s,
-            "groups": g,
-            "scalenorm": sn,
-            "test_acc": 0.7
-            + 0.01 * np.log2(g)
-            + (0.05 + 0.02 * (g == 1)) * sn
-            + rng.normal(0, 0.002),
-        }
-        for g in (1, 4, 16, 64)
-        for sn in (False, True)
-        for s in range(8)
-    ]
+    runs = grid_runs(
+        lambda groups, scalenorm, seed: (
+            0.7
+            + 0.01 * np.log2(groups)
+            + (0.05 + 0.02 * (groups == 1)) * scalenorm
+            + rng.normal(0, 0.002)
+        ),
+        8,
+        QUICK_AXES,
+    )
     plan = quick_plan(correction="gatekeeping")
     plan["grid"]["seeds"] = list(range(8))
-    an = analyse(pd.DataFrame(rows), plan)
+    an = analyse(runs, plan)
     gm = an.grid_model.set_index("term")
     assert (gm.verdict[gm.primary] == "effect").all()
     assert (an.comparisons.tested).all()

@@ -163,7 +163,7 @@ def test_delta_z_interval_covers_95_percent_at_3_seeds(delta):
     sims, n = 4000, 3
     d = rng.normal(delta, 1.0, (sims, n))
     t_obs = d.mean(axis=1) / d.std(axis=1, ddof=1) * math.sqrt(n)
-    lo, hi = st._nct_noncentrality_bounds(t_obs, n - 1)
+    lo, hi = st.nct_noncentrality_bounds(t_obs, n - 1)
     lo, hi = lo / math.sqrt(n), hi / math.sqrt(n)
     cover = np.mean((lo <= delta) & (delta <= hi))
     assert 0.93 <= cover <= 0.97, cover

@@ -161,8 +161,9 @@ def compare_grids(grid_dirs: list, out_pdf=None, *, log=print) -> Path:
     from matplotlib.backends.backend_pdf import PdfPages
 
     from scalemix.privacy.grid import grid_privacy_from_dirs
-    from scalemix.report import _md_table, code_version
-    from scalemix.report.pdf import A4, _table_page, _text_page
+    from scalemix.report.build import code_version
+    from scalemix.report.pdf import A4, table_page, text_page
+    from scalemix.report.tables import md_table
 
     per_grid, diffs, pooled, grids = shared_configurations(grid_dirs)
     first = Path(grid_dirs[0])
@@ -226,11 +227,11 @@ def compare_grids(grid_dirs: list, out_pdf=None, *, log=print) -> Path:
         }
     )
     (folder / "shared.md").write_text(
-        _md_table(show) + "\n" + _md_table(show_d) + "\n" + _md_table(show_p)
+        md_table(show) + "\n" + md_table(show_d) + "\n" + md_table(show_p)
     )
     tmp = pdf_path.with_name(f".{pdf_path.name}.tmp")
     with PdfPages(tmp) as pdf:
-        _text_page(
+        text_page(
             pdf,
             "scalemix: grids side by side",
             [
@@ -287,8 +288,8 @@ def compare_grids(grid_dirs: list, out_pdf=None, *, log=print) -> Path:
         fig.tight_layout()
         pdf.savefig(fig)
         plt.close(fig)
-        _table_page(pdf, "Shared configurations per grid", show)
-        _table_page(
+        table_page(pdf, "Shared configurations per grid", show)
+        table_page(
             pdf,
             "Reproductions: the seeds both grids ran",
             show_d,
@@ -297,7 +298,7 @@ def compare_grids(grid_dirs: list, out_pdf=None, *, log=print) -> Path:
             "bit-identical: every reported result (and the per-example predictions where "
             "stored) equal to the last bit.",
         )
-        _table_page(
+        table_page(
             pdf,
             "Each shared configuration over its distinct seeds",
             show_p,

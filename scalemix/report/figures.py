@@ -94,26 +94,59 @@ def _legend(ax, n: int) -> None:
     )
 
 
-def _mark_cuts(ax, x, lo, hi, cuts) -> None:
-    """A small triangle at the end of an interval that was cut at 0 or 100 %."""
+CUT_LABELS = {
+    "^": "interval cut at 100 % (its t interval reached past it)",
+    "v": "interval cut at 0 % (its t interval reached past it)",
+}
+
+
+def _mark_cuts(ax, x, lo, hi, cuts) -> bool:
+    """A small red triangle at the end of an interval that was cut at 0 or 100 %, named
+    once in the legend; True if any was drawn."""
+    drawn = set()
     for xi, lo_i, h, c in zip(x, lo, hi, cuts):
-        if c in ("high", "both"):
-            ax.plot([xi], [100 * h], marker="^", color="firebrick", markersize=6, zorder=4)
-        if c in ("low", "both"):
-            ax.plot([xi], [100 * lo_i], marker="v", color="firebrick", markersize=6, zorder=4)
+        for marker, end, hit in (("^", h, ("high", "both")), ("v", lo_i, ("low", "both"))):
+            if c in hit:
+                ax.plot(
+                    [xi],
+                    [100 * end],
+                    marker=marker,
+                    linestyle="none",
+                    color="firebrick",
+                    markersize=6,
+                    zorder=4,
+                    label=None if marker in drawn else CUT_LABELS[marker],
+                )
+                drawn.add(marker)
+    return bool(drawn)
+
+
+def _legend_below(ax, ncol: int = 2) -> None:
+    """The axes' legend below it, outside the data (8 pt)."""
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        ax.legend(
+            fontsize=8,
+            ncol=ncol,
+            loc="upper center",
+            bbox_to_anchor=(0.5, -0.16),
+            frameon=False,
+        )
 
 
 def accuracy_page(pdf, an: Analysis, plan: dict) -> None:
     """Accuracy against each axis. The primary axis with a paired axis: each cell's mean
     with its t interval over seeds, and each seed as a thin line. Every other view: each
     level's mean of seed means with the t interval over them (n = seeds), each seed's mean
-    over the other axes as a thin line. A red triangle marks an interval cut at 100 %."""
+    over the other axes as a thin line. A red triangle marks an interval cut at 0 or 100 %,
+    named in the legend of the panel that has one. Legends sit below their panel."""
     import matplotlib.pyplot as plt
 
     cells = an.cells
     axes = an.axes
     done = an.runs[an.runs.status == "done"]
     fig, axs = plt.subplots(len(axes), 1, figsize=A4, squeeze=False)
+    any_cut = False
     for ax, axis in zip(axs[:, 0], axes):
         levels = list(plan["grid"]["axes"][axis])
         x = np.arange(len(levels))
@@ -160,7 +193,7 @@ def accuracy_page(pdf, an: Analysis, plan: dict) -> None:
                 zorder=3,
                 label=f"mean of seed means, 95 % t CI over {n} seeds",
             )
-            _mark_cuts(ax, x, lo, hi, cut)
+            any_cut |= _mark_cuts(ax, x, lo, hi, cut)
             seeds = sorted({s for r in marg.itertuples() for s in range(len(r.seed_means))})
             for k in seeds:  # each seed's mean over the other axes, level by level
                 vals = [
@@ -178,7 +211,7 @@ def accuracy_page(pdf, an: Analysis, plan: dict) -> None:
                     label="one seed (mean over the other axes)" if k == seeds[0] else None,
                 )
         if hue:
-            _mark_cuts(
+            any_cut |= _mark_cuts(
                 ax,
                 np.concatenate([x + (j - 0.5) * 0.12 for j in range(2)]),
                 np.concatenate(
@@ -204,12 +237,13 @@ def accuracy_page(pdf, an: Analysis, plan: dict) -> None:
         ax.set_xticks(x, [str(v) for v in levels])
         ax.set_xlabel(axis)
         ax.set_ylabel(f"{'EMA ' if an.metric == 'test_acc_ema' else ''}test accuracy (%)")
-        ax.legend(fontsize=8)
+        _legend_below(ax)
         ax.grid(alpha=0.3)
     fig.suptitle(
         f"{an.metric_label[0].upper() + an.metric_label[1:]} against each axis: the seed is the "
-        "unit\n(intervals over seeds; thin grey lines: single seeds; red triangle: interval "
-        "cut at 100 %)",
+        "unit\n(intervals over seeds; thin grey lines: single seeds"
+        + ("; red triangle: an interval cut at 0 or 100 %" if any_cut else "")
+        + ")",
         fontsize=10,
     )
     fig.tight_layout()
@@ -228,8 +262,9 @@ def _cell_cut(cells, hue, h, axis, levels):
     sub = cells[cells[hue] == h]
     out = []
     for lvl in levels:
-        c = sub[sub[axis] == lvl]["ci_cut"]
-        out.append("high" if (c == "high").any() or (c == "both").any() else "")
+        c = set(sub[sub[axis] == lvl]["ci_cut"].astype(str))
+        high, low = bool(c & {"high", "both"}), bool(c & {"low", "both"})
+        out.append("both" if high and low else "high" if high else "low" if low else "")
     return out
 
 
@@ -248,12 +283,15 @@ def _errorbars(ax, sub: pd.DataFrame, axis: str, levels: list, x, label: str) ->
 
 
 def differences_page(pdf, an: Analysis) -> None:
+    """Each paired comparison: the mean difference with its paired-t interval, each seed's
+    difference as a dot, the verdict as colour; the legend below the plot names only the
+    verdicts present."""
     import matplotlib.pyplot as plt
 
     comp = an.comparisons
     if comp.empty:
         return
-    fig, ax = plt.subplots(figsize=(A4[0], min(A4[1], 2.2 + 0.45 * len(comp))))
+    fig, ax = plt.subplots(figsize=(A4[0], min(A4[1], 3.2 + 0.45 * len(comp))))
     strata = [a for a in an.axes if a in comp.columns and a != an.paired_axis]
     labels = [
         f"{r['b']} vs {r['a']}"
@@ -272,8 +310,7 @@ def differences_page(pdf, an: Analysis) -> None:
     y = np.arange(len(comp))[::-1]
     m = comp.mean_diff.values * 100
     err = _yerr(comp.mean_diff.values, comp.ci_low.values, comp.ci_high.values) * 100
-    sig = (comp.verdict == "effect").values
-    ax.errorbar(m, y, xerr=err, fmt="none", ecolor="grey", capsize=3)
+    ax.errorbar(m, y, xerr=err, fmt="none", ecolor="grey", capsize=3, label="95 % paired-t CI")
     if "diffs" in comp:  # each seed's difference, as a dot on its row
         for yi, ds in zip(y, comp.diffs):
             ax.scatter(
@@ -285,29 +322,40 @@ def differences_page(pdf, an: Analysis) -> None:
                 zorder=2,
                 label="one seed" if yi == y[0] else None,
             )
-    equiv = (comp.verdict == "equivalent").values
-    rest = ~sig & ~equiv
-    ax.scatter(
-        m[sig], y[sig], color="firebrick", zorder=3, label="significant (as the plan corrects)"
-    )
-    if equiv.any():
-        ax.scatter(m[equiv], y[equiv], color="seagreen", zorder=3, label="equivalent (TOST)")
-    ax.scatter(m[rest], y[rest], color="steelblue", zorder=3, label="inconclusive")
+    verdicts = comp.verdict.values
+    sig = verdicts == "effect"
+    equiv = verdicts == "equivalent"
+    for mask, colour, label in (
+        (sig, "firebrick", "effect (as the plan corrects)"),
+        (equiv, "seagreen", "equivalent (TOST)"),
+        (~sig & ~equiv, "steelblue", "inconclusive (or not tested)"),
+    ):
+        if mask.any():
+            ax.scatter(m[mask], y[mask], color=colour, zorder=3, label=label)
     if an.plan.sesoi:
-        for v in (-an.plan.sesoi, an.plan.sesoi):
-            ax.axvline(v, color="seagreen", lw=0.8, ls=":")
+        for i, v in enumerate((-an.plan.sesoi, an.plan.sesoi)):
+            ax.axvline(
+                v,
+                color="seagreen",
+                lw=0.8,
+                ls=":",
+                label=f"± the smallest effect of interest ({an.plan.sesoi:g})" if i else None,
+            )
     ax.axvline(0, color="black", lw=0.8)
     ax.set_yticks(y, labels, fontsize=8)
-    ax.set_xlabel(
-        "difference b - a (points); bar: 95 % paired-t CI over seeds (the t test's\n"
-        "own interval); colour: the verdict under the analysis plan;\ndots: each seed's "
-        "difference" + ("; dotted: ± the smallest effect of interest" if an.plan.sesoi else ""),
-        fontsize=9,
+    ax.set_ylim(y.min() - 0.6, y.max() + 0.6)
+    ax.set_xlabel("difference b - a (accuracy points), matched on seed", fontsize=9)
+    fig.suptitle(
+        "Paired differences (matched on seed): mean with the 95 % paired-t CI over seeds\n"
+        "(the t test's own interval); colour: the verdict under the analysis plan",
+        fontsize=10,
     )
-    ax.set_title("Paired differences (matched on seed)")
-    ax.legend(fontsize=8)
     ax.grid(alpha=0.3, axis="x")
-    fig.tight_layout()
+    height = fig.get_size_inches()[1]
+    fig.legend(
+        *ax.get_legend_handles_labels(), fontsize=8, ncol=3, loc="lower center", frameon=False
+    )
+    fig.tight_layout(rect=(0, 0.75 / height, 1, 1))  # the legend's rows below the plot
     pdf.savefig(fig)
     plt.close(fig)
 
@@ -477,38 +525,58 @@ def scale_vs_accuracy_page(pdf, an: Analysis) -> None:
 
 
 def dispersion_page(pdf, an: Analysis) -> None:
-    """Spread across seeds: each cell's SD, with each level's Brown-Forsythe test."""
+    """Spread across seeds: each cell's SD over its seeds with the SD's 95 % chi-square
+    interval (n - 1 df: with 3 seeds it spans about 0.5x to 6x the SD), and the seed-level
+    test of each axis (exploratory)."""
     import matplotlib.pyplot as plt
 
     cells = an.cells[an.cells.n >= 2]
     if cells.empty or an.dispersion.empty:
         return
     look = Look(an)
-    fig, ax = plt.subplots(figsize=(A4[0], 5.5))
+    fig, ax = plt.subplots(figsize=(A4[0], 6.0))
     x = np.arange(len(cells))
+    sd = 100 * cells["std"].values.astype(float)
+    lo = 100 * cells.get("sd_low", cells["std"]).values.astype(float)
+    hi = 100 * cells.get("sd_high", cells["std"]).values.astype(float)
     for i, (_, c) in enumerate(cells.iterrows()):
         st_ = look.of(c)
         ax.bar(
             i,
-            100 * c["std"],
+            sd[i],
             color=st_["color"],
             hatch="//" if st_["linestyle"] == "--" else None,
             edgecolor="black",
             lw=0.5,
         )
+    ns = sorted({int(n) for n in cells.n})
+    ax.errorbar(
+        x,
+        sd,
+        yerr=_yerr(sd, lo, hi),
+        fmt="none",
+        ecolor="black",
+        capsize=4,
+        lw=1,
+        label="95 % chi-square CI of the SD ("
+        + ", ".join(f"{n - 1} df" for n in ns)
+        + f": {', '.join(map(str, ns))} seeds)",
+    )
     ax.set_xticks(x, [look.label(c).replace(", ", "\n") for _, c in cells.iterrows()], fontsize=6)
     ax.set_ylabel("SD of test accuracy across seeds (points)")
+    ax.set_ylim(0, None)
     tests = "; ".join(
-        f"{r.axis}: F({r.df}) = {r.F:.2g}, p = {r.p:.2g}" for _, r in an.dispersion.iterrows()
+        f"{r.axis}: F({r.df}) = {r.F:.2g}, p = {r.p:.2g} uncorrected"
+        for _, r in an.dispersion.iterrows()
     )
     ax.set_title(
         "Stability: spread across seeds per configuration"
         + (" (hatched: " + f"{an.paired_axis}={look.paired_levels[0]})" if an.paired_axis else "")
         + f"\nseed-level test (each seed's mean absolute deviation, levels compared within "
-        f"seed, n = {int(an.dispersion.n_seeds.iloc[0])} seeds):\n{tests} (exploratory, "
-        "uncorrected)",
+        f"seed, n = {int(an.dispersion.n_seeds.iloc[0])} seeds; exploratory):\n{tests}",
         fontsize=9,
     )
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), frameon=False)
     ax.grid(alpha=0.3, axis="y")
     _save(pdf, fig)
 

@@ -1,5 +1,6 @@
-"""The multi-page PDF (matplotlib): the title page, the figures (figures.py), the tables,
-the findings and the caveats."""
+"""The multi-page PDF (matplotlib): the title page, the figures (figures.py), the tables
+(tables.py, laid out to fit the page), the findings and the caveats (findings.py).
+``text_page`` and ``table_page`` draw any such page (compare.py uses them too)."""
 
 from __future__ import annotations
 
@@ -9,41 +10,15 @@ import time
 import pandas as pd
 
 from scalemix.report import figures
-from scalemix.report.analysis import SELECTION_ADVICE, Analysis, privacy_settings
+from scalemix.report.analysis import Analysis, privacy_settings
+from scalemix.report.findings import caveats, privacy_summary
+from scalemix.report.tables import table_notes
 
 A4 = (8.27, 11.69)
 LANDSCAPE = (11.69, 8.27)
 
-DIAGNOSTICS_CAVEAT = (
-    "Diagnostics read from training batches (source = train: scale ratios, gradient norms, "
-    "clip fractions, SNR) are computed from private examples without noise and are NOT "
-    "covered by the DP guarantee. Do not publish them as private."
-)
 
-
-def caveats(an: Analysis) -> list[str]:
-    """The caveats page: the grid's joint privacy (or its stated absence), what choosing a
-    configuration costs, the diagnostics, the metric, the test set."""
-    gp = an.grid_privacy
-    if gp is None:
-        priv = (
-            "The joint privacy of the grid was not computed for this report (no grid "
-            "directory): every run saw the same private data, so the runs together are not "
-            "covered by one run's epsilon."
-        )
-    else:
-        priv = f"Privacy of everything the grid published: {gp.text}"
-    return [
-        priv,
-        SELECTION_ADVICE,
-        DIAGNOSTICS_CAVEAT,
-        f"The metric is each run's {an.metric_label}, never its best epoch.",
-        "Every accuracy is measured on the test set, and the best configuration is chosen on "
-        "it (the grid has no validation split): its accuracy is an optimistic estimate.",
-    ]
-
-
-def _text_page(pdf, title: str, paragraphs: list[str], size=A4) -> None:
+def text_page(pdf, title: str, paragraphs: list[str], size=A4) -> None:
     import matplotlib.pyplot as plt
 
     fig = plt.figure(figsize=size)
@@ -98,9 +73,17 @@ def title_lines(an: Analysis, plan: dict, version: str) -> list[str]:
         )
     else:
         what = f"This report: grid {an.grid}: {desc}"
-    lines = [
-        what,
-        "As run: " + as_run(runs),
+    lines = [what]
+    if g.get("sets"):  # --set overrides: the preset's own description may no longer hold
+        lines.append(
+            "Changed with --set on top of the "
+            + ("preset" if an.preset else "grid file")
+            + ": "
+            + ", ".join(f"{k} = {v}" for k, v in g["sets"].items())
+            + " (the description above predates them; the lines below are what ran)."
+        )
+    lines += [
+        "As run: " + as_run(runs, an.axes),
         f"Made: {time.strftime('%Y-%m-%d %H:%M')}   scalemix {version}",
         "Shared by every cell"
         + (f" (preset {an.preset} applied)" if an.preset else "")
@@ -118,7 +101,10 @@ def title_lines(an: Analysis, plan: dict, version: str) -> list[str]:
         *[f"Epsilon assumes: {a}." for a in epsilon_assumptions(runs)],
     ]
     if an.grid_privacy is not None:
-        lines.append(f"Privacy of the whole grid: {an.grid_privacy.text}")
+        lines.append(
+            f"Privacy of the whole grid: {privacy_summary(an.grid_privacy)} (In full under "
+            "Caveats, with what choosing a configuration costs.)"
+        )
     lines += [
         f"Runs: {len(runs)} planned; done {c.get('done', 0)}, failed {c.get('failed', 0)}, "
         f"diverged {c.get('diverged', 0)}, pending/running {c.get('pending', 0) + c.get('running', 0)}.",
@@ -137,8 +123,9 @@ def title_lines(an: Analysis, plan: dict, version: str) -> list[str]:
     return lines
 
 
-def as_run(runs) -> str:
-    """Data, resolution, sizes, steps and model the finished runs actually used."""
+def as_run(runs, axes: list | None = None) -> str:
+    """Data, resolution, sizes, steps and model the finished runs actually used, and how
+    many configurations and seeds finished."""
     done = runs[runs.status == "done"]
     if done.empty:
         return "no finished run"
@@ -150,7 +137,13 @@ def as_run(runs) -> str:
     shape = one("image_shape")
     return (
         f"data {one('data_name')} ({one('train_size')} train / {one('test_size')} test examples, "
-        f"image {shape}), model {one('model')}, {one('steps')} steps per run."
+        f"image {shape}), model {one('model')}, {one('steps')} steps per run"
+        + (
+            f"; {done.groupby(axes, dropna=False).ngroups} configurations x "
+            f"{done.seed.nunique()} seeds finished."
+            if axes and "seed" in done
+            else "."
+        )
     )
 
 
@@ -196,7 +189,7 @@ def layout_table(frame: pd.DataFrame, size=LANDSCAPE):
     return font, widths, header, rows
 
 
-def _table_page(pdf, title: str, frame: pd.DataFrame, note: str = "", size=LANDSCAPE) -> int:
+def table_page(pdf, title: str, frame: pd.DataFrame, note: str = "", size=LANDSCAPE) -> int:
     """Draw ``frame`` on as many pages as it needs, every column inside the page, long
     cells wrapped; returns the pages drawn."""
     import matplotlib.pyplot as plt
@@ -261,13 +254,10 @@ def write_pdf(
     matplotlib.use("Agg")
     from matplotlib.backends.backend_pdf import PdfPages
 
-    sesoi = (
-        f"±{an.plan.sesoi:g} point{'s' if an.plan.sesoi != 1 else ''}"
-        if an.plan.sesoi
-        else "(no smallest effect of interest)"
-    )
+    notes = table_notes(an, tables)
+    empty = pd.DataFrame()
     with PdfPages(path) as pdf:
-        _text_page(pdf, f"scalemix ablation report: {an.grid}", title_lines(an, plan, version))
+        text_page(pdf, f"scalemix ablation report: {an.grid}", title_lines(an, plan, version))
         figures.accuracy_page(pdf, an, plan)
         figures.privacy_utility_page(pdf, an)
         figures.differences_page(pdf, an)
@@ -276,64 +266,19 @@ def write_pdf(
         figures.trajectory_page(pdf, an, traj)
         figures.scale_vs_accuracy_page(pdf, an)
         figures.spp_page(pdf, an)
-        _table_page(
-            pdf,
-            f"Accuracy per cell ({an.metric_label})",
-            tables["cells"],
-            "n: finished seeds (one run per seed); CI: 95 % of the mean by the named method "
-            "(t below 20 seeds); ^ marks an interval cut at 0 or 100 % (the t interval reached "
-            "past it); IQM: interquartile mean (from 4 seeds).",
-        )
-        _table_page(
-            pdf,
-            "Accuracy per level of each axis, over seed means",
-            tables.get("marginals", pd.DataFrame()),
-            "Each seed's mean over the other axes' configurations at that level (seeds missing "
-            "a run there are left out), then the t interval over those seed means: n is the "
-            "number of seeds, not of runs. ^: cut at 0 or 100 %.",
-        )
-        _table_page(
-            pdf,
-            "Paired comparisons (simple effects, matched on seed)",
-            tables["comparisons"],
-            "Differences b - a in accuracy points, matched on seed. p (t): paired t test, "
-            "uncorrected and adjusted as the analysis plan says (the correction is named); its "
-            f"CI is the interval it inverts. TOST: equivalence within {sesoi}. Verdict: "
-            "effect (adjusted p < alpha), equivalent (TOST p < alpha), else inconclusive. "
-            "g_z: Hedges' corrected standardised effect; its interval is the exact "
-            "noncentral-t interval of delta_z. Seeds won: b > a on the same seed, with the "
-            "exact (Clopper-Pearson) interval of the paired P(improvement). P(X_b > X_a): "
-            "rliable's probability of improvement from cross-seed pairs only (from 5 seeds; "
-            "jackknife over seeds).",
-        )
-        _table_page(
-            pdf,
-            "Paired comparisons per test example (second source of evidence)",
-            tables.get("per_example", pd.DataFrame()),
-            "The same comparisons scored example by example on the shared test set, pooled over "
-            "the matched seeds: McNemar's exact test on the discordant examples and a bootstrap "
-            "over test examples (the same examples resampled for every seed). Both hold the "
-            "trained models fixed: they measure test-set noise only, not seed-to-seed "
-            "variation. Uncorrected. Raw weights' predictions.",
-        )
-        _table_page(
-            pdf,
-            "The grid model, omnibus tests, spread and scale mixing",
-            tables["omnibus_corr"],
-            "Grid model: repeated-measures ANOVA over seeds (each term against its own term x "
-            "seed interaction, as AnovaRM), with the critical F at alpha; for terms of more "
-            "than one df the Greenhouse-Geisser (GG) and lower-bound (LB) p, which need no "
-            "sphericity (GG is the one the verdict uses). Friedman: blocked by seed, "
-            "permutation p. Spread: each seed's mean absolute deviation from the cell means, "
-            "levels compared within seed. Spearman: configuration means (between), two-way "
-            "residuals (within; n_eff = residual df + 1). Adjusted p: the analysis plan's "
-            "correction, named; exploratory rows are uncorrected.",
-        )
-        _text_page(
+        for key, title in (
+            ("cells", f"Accuracy per cell ({an.metric_label})"),
+            ("marginals", "Accuracy per level of each axis, over seed means"),
+            ("comparisons", "Paired comparisons (simple effects, matched on seed)"),
+            ("per_example", "Paired comparisons per test example (second source of evidence)"),
+            ("omnibus_corr", "The grid model, omnibus tests, spread and scale mixing"),
+        ):
+            table_page(pdf, title, tables.get(key, empty), notes[key])
+        text_page(
             pdf,
             "Findings",
             [f"- {f}" for f in an.findings]
             + (["Warnings:"] + [f"- {w}" for w in an.warnings] if an.warnings else []),
         )
-        _text_page(pdf, "Caveats", [f"- {c}" for c in caveats(an)])
+        text_page(pdf, "Caveats", [f"- {c}" for c in caveats(an)])
         return pdf.get_pagecount()

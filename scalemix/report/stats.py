@@ -121,7 +121,7 @@ def describe(x) -> Summary:
     )
 
 
-def _nct_noncentrality_bounds(t_obs, df, level: float = 0.95):
+def nct_noncentrality_bounds(t_obs, df, level: float = 0.95):
     """The noncentrality parameters at which ``t_obs`` is the upper / lower (1 - level) / 2
     quantile of the noncentral t with ``df`` degrees of freedom: the exact confidence
     interval of the noncentrality (Steiger & Fouladi 1997). Vectorised over ``t_obs``
@@ -173,7 +173,7 @@ def hedges_gz(d, level: float = 0.95) -> tuple[float, float, float]:
     df = n - 1
     j = 1 - 3 / (4 * df - 1)
     dz = d.mean() / d.std(ddof=1)
-    lo, hi = _nct_noncentrality_bounds(dz * math.sqrt(n), df, level)
+    lo, hi = nct_noncentrality_bounds(dz * math.sqrt(n), df, level)
     return float(j * dz), float(lo[0] / math.sqrt(n)), float(hi[0] / math.sqrt(n))
 
 
