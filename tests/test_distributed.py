@@ -170,10 +170,17 @@ def test_two_rank_training_run_survives_sigkill_and_resumes_bit_identical(tmp_pa
     assert full.returncode == 0, full.stderr
     result = json.loads((tmp_path / "full" / "result.json").read_text())
     assert result["status"] == "done" and result["epsilon"] > 0
-    assert (tmp_path / "full" / "ranks" / "1").is_dir()  # rank 1 keeps its logs apart
+    rank1 = tmp_path / "full" / "ranks" / "1"  # rank 1 keeps its logs apart, and only them
+    assert sorted(p.name for p in rank1.iterdir()) == [
+        "epochs.csv",
+        "metrics.csv",
+        "released.json",
+    ]
+    assert result["world_size"] == 2
     steps = result["steps"]
 
     cfg = json.loads((tmp_path / "full" / "config.json").read_text())
+    assert cfg["resolved"]["world_size"] == 2
     nonce = cfg["resolved"]["randomness"]["noise_nonce"]  # the same run, its noise reproduced
     proc = _train(tmp_path / "cut", "--noise-nonce", nonce, wait=False)
     ckpt = tmp_path / "cut" / "checkpoint.pt"
@@ -247,3 +254,21 @@ def test_submitit_runs_a_cell_as_a_two_task_data_parallel_job(tmp_path, monkeypa
     cid = gd.table()[0]["id"]
     assert (gd.cell_dir(cid) / "ranks" / "1" / "metrics.csv").exists()
     assert json.loads((gd.cell_dir(cid) / "result.json").read_text())["status"] == "done"
+
+
+def test_each_rank_takes_the_gpu_of_its_local_rank(monkeypatch):
+    """Under torchrun, --device cuda/auto means cuda:LOCAL_RANK, made current before
+    anything allocates (else every rank lands on cuda:0); a task that sees one GPU (the
+    scheduler gave it its own) takes that one. No GPU needed: CUDA's queries are faked."""
+    from scalemix.train.setup import resolve_device
+
+    current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: current.append(d))
+    for visible, local, expect in ((4, "3", 3), (4, "0", 0), (1, "3", 0)):
+        monkeypatch.setattr(torch.cuda, "device_count", lambda v=visible: v)
+        monkeypatch.setenv("LOCAL_RANK", local)
+        for name in ("cuda", "auto"):
+            dev = resolve_device(name)
+            assert dev == torch.device("cuda", expect) and current[-1] == dev
+    assert resolve_device("cuda:2") == torch.device("cuda", 2)  # an explicit index is kept

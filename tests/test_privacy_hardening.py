@@ -55,7 +55,7 @@ def test_two_secure_runs_with_the_same_seed_draw_different_batches_and_noise(
     for pa, pb in zip(a.model.parameters(), b.model.parameters()):
         assert torch.equal(pa, pb)
     # and what the checkpoint would hold of the streams is never a key
-    state = a._rng_state()["rng"]
+    state = a.rng_state()["rng"]
     assert set(state) == {"mode", "seed_key_id", "noise_nonce", "sampler", "noise", "canary"}
     assert state["sampler"] == {"draws": 0}
 

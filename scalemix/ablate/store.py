@@ -26,7 +26,7 @@ from pathlib import Path
 
 from scalemix import __version__
 from scalemix.errors import ConfigError
-from scalemix.train.rundir import read_json, write_json_atomic
+from scalemix.train.rundir import RunDir, read_json, write_json_atomic
 
 PLAN = "grid.json"
 ANALYSIS_PLAN = "analysis-plan.json"
@@ -83,7 +83,7 @@ class GridDir:
             )
         self.fix_analysis_plan(grid.report, replan=replan)
         for cell in cells:
-            man = self.cell_dir(cell.id) / "manifest.json"
+            man = RunDir(self.cell_dir(cell.id)).manifest
             if not man.exists():
                 write_json_atomic(
                     man,
@@ -187,10 +187,10 @@ class GridDir:
         if plan is None:
             if not self.root.exists():
                 raise ConfigError(f"{self.root} does not exist; give a grid directory")
-            if (self.root / "config.json").exists() or (self.root / "result.json").exists():
+            if RunDir(self.root).config.exists() or RunDir(self.root).result.exists():
                 raise ConfigError(
                     f"{self.root} is a single training run, not a grid: its result is in "
-                    f"{self.root / 'result.json'} (and 'scalemix audit {self.root}' for an "
+                    f"{RunDir(self.root).result} (and 'scalemix audit {self.root}' for an "
                     "audited run); reports compare the cells of a grid made by 'scalemix ablate'"
                 )
             raise ConfigError(
@@ -224,13 +224,13 @@ class GridDir:
         return CellLock(self.cell_dir(cid) / ".lock")
 
     def manifest(self, cid: str) -> dict:
-        man = read_json(self.cell_dir(cid) / "manifest.json")
+        man = read_json(RunDir(self.cell_dir(cid)).manifest)
         if man is None:
             raise ConfigError(f"cell {cid}: manifest.json is missing in {self.cell_dir(cid)}")
         return man
 
     def result(self, cid: str) -> dict | None:
-        return read_json(self.cell_dir(cid) / "result.json")
+        return RunDir(self.cell_dir(cid)).read_result()
 
     def status(self, cid: str) -> str:
         res = self.result(cid)
@@ -260,11 +260,11 @@ class GridDir:
 
     def progress(self, cid: str) -> tuple[int, int | None]:
         """(steps done, planned steps) of a cell, from its metrics table and config."""
-        d = self.cell_dir(cid)
-        cfg = read_json(d / "config.json") or {}
+        rd = RunDir(self.cell_dir(cid))
+        cfg = rd.read_config() or {}
         planned = cfg.get("resolved", {}).get("steps")
         last = 0
-        path = d / "metrics.csv"
+        path = rd.metrics_path
         if path.exists():
             try:
                 with open(path, newline="") as fh:

@@ -15,7 +15,7 @@ from dataclasses import replace
 
 from scalemix.ablate.store import GridDir
 from scalemix.train import TrainConfig, train
-from scalemix.train.rundir import write_json_atomic
+from scalemix.train.rundir import RunDir, write_json_atomic
 
 
 def run_cell(
@@ -47,11 +47,12 @@ def run_cell(
                 return res["status"]
             if res.get("status") == "failed" and not retry_failed:
                 return "failed"
-            (gd.cell_dir(cid) / "result.json").unlink(missing_ok=True)
+            RunDir(gd.cell_dir(cid)).result.unlink(missing_ok=True)
         decide(True)
         decided = True
         man = gd.manifest(cid)
         d = gd.cell_dir(cid)
+        rd = RunDir(d)
         cfg = TrainConfig.from_dict(man["config"]).replace(out=str(d), threads=threads)
         if device:
             cfg = cfg.replace(device=device)
@@ -63,17 +64,17 @@ def run_cell(
                 extra_config={"grid": man["grid"], "cell": cid, "axes": man["axes"]},
             )
         resumed = None
-        if (d / "checkpoint.pt").exists():
+        if rd.checkpoint.exists():
             import torch
 
             try:
-                resumed = torch.load(d / "checkpoint.pt", map_location="cpu", weights_only=False)[
+                resumed = torch.load(rd.checkpoint, map_location="cpu", weights_only=False)[
                     "step"
                 ]
             except Exception:
                 resumed = None
         gd.record_attempt(cid, resumed)
-        log_path = d / "train.log"
+        log_path = rd.train_log
         with open(log_path, "a") as fh:
 
             def log(msg: str) -> None:
@@ -87,9 +88,9 @@ def run_cell(
             except Exception as e:
                 log(traceback.format_exc())
                 if gd.result(cid) is None:  # failed before the trainer could record it
-                    (d / "error.log").write_text(traceback.format_exc())
+                    rd.error_log.write_text(traceback.format_exc())
                     write_json_atomic(
-                        d / "result.json",
+                        rd.result,
                         {
                             "status": "failed",
                             "error": f"{type(e).__name__}: {e}",
@@ -149,7 +150,14 @@ def _job_ranks():
     import torch.distributed as dist
     from submitit.helpers import TorchDistributedEnvironment
 
-    TorchDistributedEnvironment().export(set_cuda_visible_devices=torch.cuda.is_available())
+    # RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT from SLURM's task; CUDA_VISIBLE_DEVICES
+    # is left as SLURM set it (setting it here, after CUDA may have started in this
+    # process, would be ignored): each rank takes cuda:LOCAL_RANK (train/setup.py)
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    if torch.cuda.is_available():
+        from scalemix.train.setup import resolve_device
+
+        resolve_device("cuda")  # this rank's GPU, current before NCCL starts
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return env.num_tasks
 

@@ -81,7 +81,7 @@ def _input_scores(run_dir: Path, canaries: dict):
 
     saved = RunDir(run_dir).read_config() or {}
     cfg = saved.get("config")
-    state_path = Path(run_dir) / "model.pt"
+    state_path = RunDir(run_dir).model
     if cfg is None or not state_path.is_file():
         raise ConfigError(f"{run_dir}: input canaries are scored by model.pt, which is missing")
     if "data_index" not in canaries:

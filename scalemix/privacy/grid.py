@@ -34,7 +34,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from scalemix.train.rundir import read_json
+from scalemix.train.rundir import RunDir, read_json
 
 STATUSES = ("dp", "per_cell_only", "not_dp", "no_private_cells", "no_steps")
 
@@ -113,13 +113,13 @@ def segments(releases: list[Release], *, q: float | None = None) -> list[tuple[f
 
 def read_release(run_dir: str | Path) -> Release | None:
     """A run directory's release, or None if it never started."""
-    run_dir = Path(run_dir)
-    saved = read_json(run_dir / "config.json")
+    rd = RunDir(run_dir)
+    saved = rd.read_config()
     if saved is None:
         return None
     cfg, res = saved.get("config", {}), saved.get("resolved", {})
-    result = read_json(run_dir / "result.json") or {}
-    released = read_json(run_dir / "released.json") or {}
+    result = rd.read_result() or {}
+    released = read_json(rd.released) or {}
     done = int(result.get("steps") or 0) + int(result.get("abandoned_steps") or 0)
     going = int(released.get("steps_released") or 0) + int(released.get("abandoned_steps") or 0)
     draws = max(done, going)
@@ -138,7 +138,7 @@ def read_release(run_dir: str | Path) -> Release | None:
         res.get("data", {}).get("name") if isinstance(res.get("data"), dict) else cfg.get("data"),
     )
     return Release(
-        name=run_dir.name,
+        name=rd.root.name,
         private=private,
         mode=mode,
         seed=int(cfg.get("seed", 0)),

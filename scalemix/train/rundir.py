@@ -1,15 +1,27 @@
-"""A run directory: what a run leaves behind, written so that a crash loses nothing.
+"""A run directory: every file a run writes, named here once, written so that a crash
+loses nothing.
 
-    config.json      the fully resolved configuration (+ data set, sigma, q, steps, version)
-    metrics.csv      one row per step (appended and flushed as the run goes)
-    epochs.csv       one row per evaluation (end of each epoch)
-    checkpoint.pt    the latest checkpoint (written to a temporary file, then renamed)
-    result.json      written once, at the end, with the final status
-    released.json    what the run has released: committed steps and stream draws, written
-                     in every step's commit block (a resume after a crash counts it)
-    privacy.json     what epsilon covers and assumes, and what it does not cover
-    divergence.json  where a diverged attempt stopped and what it had released
-    error.log        the traceback of an unexpected failure
+    config.json                the configuration as given and as resolved (data set, sigma,
+                               q, steps, engine, device, world size, version)
+    privacy.json               what epsilon covers and assumes, and what it does not cover
+    metrics.csv                one row per step (appended and flushed as the run goes)
+    epochs.csv                 one row per evaluation (end of each epoch, last step)
+    diagnostics.csv / .json    scale-mixing rows every --diag-every steps, and their meaning
+    diagnostics.png            the scale-ratio figure (written at the end, also on failure)
+    released.json              what the run has released: committed steps and stream draws,
+                               written in every step's commit block (a resume counts it)
+    checkpoint.pt              the latest checkpoint (train/checkpoint.py lists what it holds)
+    model.pt                   the final weights (and the EMA's), with the configuration
+    test_predictions.npy       the final model's class for every test example (int16), and
+    test_predictions_ema.npy   the EMA weights' (when --ema), beside
+    test_labels.npy            the test labels
+    audit/                     canaries and the one-run audit (--audit-canaries only)
+    result.json                written once, last, with the final status
+    divergence.json            where a diverged attempt stopped and what it had released
+    error.log                  the traceback of an unexpected failure
+    ranks/<r>/                 rank r's logs in a data-parallel run (r > 0)
+    train.log                  the console output of a grid cell (scalemix ablate)
+    manifest.json              a grid cell's axes and seed (scalemix ablate)
 
 JSON and checkpoints are written atomically (temporary file + ``os.replace``), so a
 reader never sees a half-written file. ``result.json`` exists only for a run that ended.
@@ -117,17 +129,35 @@ def _fmt(v):
 
 
 class RunDir:
+    """The path of every file a run writes (see the module docstring)."""
+
     def __init__(self, root: str | Path):
+        from scalemix.diagnostics.table import FIGURE, META, TABLE
+
         self.root = Path(root)
         self.config = self.root / "config.json"
-        self.result = self.root / "result.json"
-        self.checkpoint = self.root / "checkpoint.pt"
-        self.error_log = self.root / "error.log"
-        self.divergence = self.root / "divergence.json"
-        self.released = self.root / "released.json"
         self.privacy = self.root / "privacy.json"
         self.metrics_path = self.root / "metrics.csv"
         self.epochs_path = self.root / "epochs.csv"
+        self.diagnostics = self.root / TABLE
+        self.diagnostics_meta = self.root / META
+        self.diagnostics_figure = self.root / FIGURE
+        self.released = self.root / "released.json"
+        self.checkpoint = self.root / "checkpoint.pt"
+        self.model = self.root / "model.pt"
+        self.test_predictions = self.root / "test_predictions.npy"
+        self.test_predictions_ema = self.root / "test_predictions_ema.npy"
+        self.test_labels = self.root / "test_labels.npy"
+        self.audit = self.root / "audit"
+        self.result = self.root / "result.json"
+        self.divergence = self.root / "divergence.json"
+        self.error_log = self.root / "error.log"
+        self.train_log = self.root / "train.log"
+        self.manifest = self.root / "manifest.json"
+
+    def rank(self, r: int) -> Path:
+        """Where rank r > 0 of a data-parallel run keeps its logs."""
+        return self.root / "ranks" / str(r)
 
     def read_result(self) -> dict | None:
         return read_json(self.result)
