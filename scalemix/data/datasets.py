@@ -15,6 +15,7 @@ ImageNet, [-1, 1] for digits): no statistic of the private training images is co
 
 from __future__ import annotations
 
+import functools
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,9 +66,17 @@ class ImageData:
 def normalize(x_uint8: torch.Tensor, mean, std) -> torch.Tensor:
     """uint8 batch -> float32, scaled to [0, 1] and standardised per channel."""
     x = x_uint8.float().div_(255.0)
-    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    m, s = _constants(tuple(mean), tuple(std), x.device, x.dtype)
     return (x - m) / s
+
+
+@functools.lru_cache(maxsize=16)
+def _constants(mean: tuple, std: tuple, device: torch.device, dtype: torch.dtype):
+    """The normalisation constants on the device, made once (a host-to-device copy per
+    chunk would be a synchronisation per chunk on a GPU)."""
+    m = torch.tensor(mean, device=device, dtype=dtype).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=device, dtype=dtype).view(1, -1, 1, 1)
+    return m, s
 
 
 # --------------------------------------------------------------------------- digits

@@ -198,7 +198,13 @@ class SecretStream:
 
     @staticmethod
     def _to_tensor(raw: bytes, device: torch.device) -> torch.Tensor:
-        return torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(device)
+        """Keystream bytes on the device. To a GPU through pinned memory without blocking:
+        the host makes the next piece while the device works on this one (the caching
+        host allocator keeps the pinned buffer alive until its copy is done)."""
+        t = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+        if device.type == "cuda":
+            return t.pin_memory().to(device, non_blocking=True)
+        return t.to(device)
 
     def _raw(self, nbytes: int, device: torch.device) -> torch.Tensor:
         return self._to_tensor(self.random_bytes(nbytes), device)
