@@ -49,32 +49,44 @@ def plot_scale_ratio(df: pd.DataFrame, path: str | Path, title: str = "") -> boo
     import matplotlib.pyplot as plt
 
     share = block_metric(df, "branch_var_share")
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), constrained_layout=True)
-    for name in ratio.columns:
-        axes[0].plot(ratio.index, ratio[name], marker=".", label=name)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), constrained_layout=True)
+    cmap = plt.get_cmap("viridis")
+    for i, name in enumerate(ratio.columns):  # early blocks dark, late blocks light
+        colour = cmap(i / max(1, len(ratio.columns) - 1) * 0.9)
+        kw = dict(marker="o", ms=3.5, lw=1.3, color=colour, label=name)
+        axes[0].plot(ratio.index, ratio[name], **kw)
         if name in share:
-            axes[1].plot(share.index, share[name], marker=".", label=name)
+            axes[1].plot(share.index, share[name], **kw)
     axes[0].axhline(0, color="grey", lw=0.8, ls="--")
-    axes[0].set(xlabel="step", ylabel="log2 rms(branch) / rms(skip)", title="scale ratio per block")
+    axes[0].set(
+        xlabel="step",
+        ylabel="log2 rms(branch) / rms(skip)",
+        title="scale ratio per block (0: branch and skip equal)",
+    )
+    axes[1].axhline(0.5, color="grey", lw=0.8, ls="--")
     axes[1].set(
         xlabel="step",
         ylabel="var(branch) / (var(skip) + var(branch))",
-        title="branch variance share",
+        title="branch variance share per block",
         ylim=(0, 1),
     )
-    axes[0].legend(fontsize=8)
+    for ax in axes:
+        ax.legend(fontsize=7, title="residual block", title_fontsize=7, loc="best")
     src = set(df["source"])
     where = "held-out probe batch" if src == {"heldout"} else "training batches"
     fig.suptitle(f"{title}  (read from {where})".strip(), fontsize=10)
-    if caveat_for(df[df["block"].isin(ratio.columns)]):
-        fig.text(
-            0.5,
-            -0.02,
-            "Not covered by DP: these statistics are read from private training data.",
-            ha="center",
-            fontsize=8,
-            color="firebrick",
+    notes = [
+        "Scale mixing: each residual block adds its branch to the skip path. Ratio > 0: the "
+        "branch dominates the block's output; < 0: the skip does (ratio -3 = branch 8x smaller).",
+        "Look for: ratios drifting far from 0 or apart across blocks as training goes on.",
+    ]
+    if len(ratio.index) < 8:
+        notes.append(
+            f"Only {len(ratio.index)} steps recorded: --diag-every N records every N steps."
         )
+    if caveat_for(df[df["block"].isin(ratio.columns)]):
+        notes.append("Not covered by DP: these statistics are read from private training data.")
+    fig.text(0.5, -0.01, "\n".join(notes), ha="center", va="top", fontsize=8)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return True

@@ -53,6 +53,7 @@ class Progress(Callback):
         self.log, self.enabled = log, enabled
         self.bar = None
         self.last_beat = time.monotonic()
+        self.clipped: list[tuple[float, float]] = []  # (clip fraction, median norm) per step
 
     def on_start(self, tr: Trainer) -> None:
         if tr.resumed_from is not None:
@@ -71,6 +72,8 @@ class Progress(Callback):
             )
 
     def on_step(self, tr: Trainer, row: dict) -> None:
+        if row.get("clip_fraction") is not None:
+            self.clipped.append((row["clip_fraction"], row["grad_norm_median"]))
         if self.bar is not None:
             eps = tr.last_eval.get("epsilon")
             self.bar.set_postfix(
@@ -100,6 +103,29 @@ class Progress(Callback):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+        if result is not None and result.get("status") == "done":
+            note = clipping_note(self.clipped, tr.cfg.clip)
+            if note:
+                self.log(note)
+
+
+def clipping_note(clipped: list[tuple[float, float]], clip: float) -> str | None:
+    """A line for the reader when (nearly) every example was clipped on most steps: usual
+    under DP-SGD, but it looks like a bug to someone who has not seen it."""
+    if not clipped:
+        return None
+    all_clipped = sum(f >= 0.99 for f, _ in clipped)
+    if all_clipped < len(clipped) / 2:
+        return None
+    norms = sorted(m for _, m in clipped)
+    lo, hi = norms[len(norms) // 10], norms[-1 - len(norms) // 10]
+    return (
+        f"note: every example was clipped on {all_clipped} of {len(clipped)} steps "
+        f"(median per-example gradient norm {lo:.3g}-{hi:.3g} against C = {clip:g}). Usual "
+        "under DP-SGD: each clipped gradient has norm C, and C sets the noise's scale, so "
+        "what matters is the direction of the clipped sum (metrics.csv: clip_fraction, "
+        "grad_norm_median; README, 'Diagnostics while training')"
+    )
 
 
 class Wandb(Callback):
