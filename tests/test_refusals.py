@@ -48,6 +48,10 @@ def test_public_batch_norm_needs_public_data():
         dict(ema=1.5),
         dict(model="nf_resnet", norm="group"),
         dict(scalenorm=True, norm="none"),
+        dict(act="tanh"),  # a model axis's choices, from its declaration
+        dict(engine="turbo", non_private=True),  # choices hold for non-private runs too
+        dict(precision="fp8", non_private=True),
+        dict(momentum=1.0),
     ],
 )
 def test_bad_values_raise_config_error(kw):

@@ -14,6 +14,7 @@ that ``train`` and ``spp`` share; ``None`` keeps the architecture's default),
 from __future__ import annotations
 
 import inspect
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -21,11 +22,12 @@ from typing import Annotated, Any, Optional
 import typer
 
 from scalemix.cli._compat import ParameterSource
-from scalemix.train.config import MODEL, SETTINGS, TrainConfig, field_type
+from scalemix.train.config import MODEL, PANELS, SETTINGS, TrainConfig, field_type
 
 MODEL_PANEL = MODEL
 _FIELDS = TrainConfig.__dataclass_fields__
 _TYPES = {"int": int, "float": float, "bool": bool, "str": str}
+_CELL = {"always": "yes", "never": "no", "unless-default": "unless default"}
 
 
 def flag_name(name: str) -> str:
@@ -80,12 +82,8 @@ def config_options(command: Callable) -> Callable:
     def run(ctx: typer.Context, **values):
         return command(ctx, given_fields(ctx, values), **values)
 
-    run.__name__, run.__qualname__, run.__doc__ = (
-        command.__name__,
-        command.__qualname__,
-        command.__doc__,
-    )
-    run.__module__ = command.__module__
+    for attr in ("__module__", "__name__", "__qualname__", "__doc__"):
+        setattr(run, attr, getattr(command, attr))
     run.__signature__ = inspect.Signature(
         [own[0], *generated, *(p.replace(kind=kw) for p in own[2:])]
     )
@@ -143,28 +141,24 @@ def markdown() -> str:
         '("unless default": only when it differs from its default, so ids made before the',
         "field existed stay valid).",
     ]
-    by_panel: dict[str, list[str]] = {}
-    for name, s in SETTINGS.items():
-        by_panel.setdefault(s.panel, []).append(name)
-    for panel, names in by_panel.items():
+    for panel in PANELS:
         lines += ["", f"## {panel}", ""]
         lines += ["| field | flag | type | default | values | identity / cell | what |"]
         lines += ["| --- | --- | --- | --- | --- | --- | --- |"]
-        for name in names:
+        for name in (n for n, s in SETTINGS.items() if s.panel == panel):
             s, f = SETTINGS[name], _FIELDS[name]
             base, optional = field_type(f)
-            flags = "(--set only)"
-            if s.flag:
-                flags = ", ".join(f"`{d}`" for d in _decls(name))
-                if s.off is not None:
-                    flags += f", `{flag_name(_off_name(name))}` ({s.off.rstrip('.').lower()})"
+            flags = ", ".join(f"`{d}`" for d in _decls(name)) if s.flag else "none: a file or --set"
+            if s.off is not None:
+                flags += f", `{flag_name(_off_name(name))}` ({s.off[0].lower()}{s.off[1:-1]})"
             values = " ".join(f"`{c}`" for c in s.choices) or ("> 0" if s.positive else "")
             kind = ("path" if s.path else base) + (" or none" if optional else "")
-            hashed = ("yes" if s.identity else "no") + " / " + s.cell.replace("-", " ")
-            hashed = hashed.replace("always", "yes").replace("never", "no")
-            help_ = s.help.replace("|", "\\|")
+            default = "none" if f.default is None else f"`{json.dumps(f.default)}`"
+            hashed = f"{'yes' if s.identity else 'no'} / {_CELL[s.cell]}"
+            what = s.help + "".join(f" Given as a flag, it sets `{c}` to none." for c in s.clears)
+            what = what.replace("|", "\\|")
             lines.append(
-                f"| `{name}` | {flags} | {kind} | `{f.default!r}` | {values} | {hashed} | {help_} |"
+                f"| `{name}` | {flags} | {kind} | {default} | {values} | {hashed} | {what} |"
             )
     return "\n".join(lines) + "\n"
 

@@ -117,16 +117,7 @@ def train(
             noise_nonce=noise_nonce,
         )
     except KeyboardInterrupt:
-        where = (
-            "a checkpoint is saved"
-            if RunDir(cfg.out).checkpoint.exists()
-            else "no step was finished"
-        )
-        typer.echo(
-            f"interrupted; {where}. Resume with: scalemix train --out {cfg.out} --resume",
-            err=True,
-        )
-        return 130
+        return _interrupted(cfg.out)
     return _finish(result, cfg.out, rank)
 
 
@@ -205,6 +196,12 @@ def _check_nonce(nonce: str | None, cfg: TrainConfig, config: Path | None, log) 
                 f"{config} bit for bit, add --noise-nonce {theirs['noise_nonce']} (then publish "
                 "only one of the two)"
             )
+
+
+def _interrupted(out: str) -> int:
+    where = "a checkpoint is saved" if RunDir(out).checkpoint.exists() else "no step was finished"
+    typer.echo(f"interrupted; {where}. Resume with: scalemix train --out {out} --resume", err=True)
+    return 130
 
 
 def _finish(result: dict, out: str, rank: int) -> int:

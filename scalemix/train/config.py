@@ -41,6 +41,7 @@ from scalemix.errors import ConfigError, PrivacyError
 # the help panels of 'scalemix train --help' and the sections of docs/config.md
 MODEL = "Model (default: the architecture's; see 'scalemix models')"
 DATA, PRIVACY, OPTIM, DIAG, RUN = "Data", "Privacy", "Optimisation", "Diagnostics", "Run"
+PANELS = (MODEL, DATA, PRIVACY, OPTIM, DIAG, RUN)
 
 
 @dataclass(frozen=True, kw_only=True)
