@@ -4,6 +4,7 @@ the table), and the embedded data set's split is the one it states."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -32,6 +33,12 @@ def test_every_file_the_readme_lists_is_written_by_a_run(tiny_cfg, digits8):
     written = {p.name for p in Path(cfg.out).iterdir() if p.is_file()}
     assert listed <= written, sorted(listed - written)
     assert written <= listed, sorted(written - listed)  # nothing undocumented
+    # config.json shows the values the run used first (the model's defaults resolved)
+    saved = json.loads((Path(cfg.out) / "config.json").read_text())
+    assert next(iter(saved)) == "run"
+    run = saved["run"]
+    assert run["norm"] == "group" and run["groups"] == 8 and run["scalenorm"] is not None
+    assert run["private_examples"] == len(digits8.train_y) and run["sigma"] == 1.0
 
 
 def test_the_readme_states_the_digits_split_as_it_is():

@@ -268,7 +268,32 @@ class Trainer:
         return Canaries.create(kind, self.cfg.audit_canaries, self.rng.canary, data=data)
 
     def resolved_config(self) -> dict:
+        """config.json: ``run``, the values this run used, where a reader looks first;
+        ``config``, the fields as given (null: the model's or the data set's default;
+        compared on --resume, read by --config); ``resolved``, everything derived."""
+        cfg = self.cfg
+        run = {
+            "model": cfg.model,
+            **self.model.axes.as_dict(),
+            "data": self.data_summary.get("name", cfg.data),
+            "image_size": int(self.train_x.shape[-1]),
+            "private_examples": self.n,
+            "test_examples": len(self.test_y),
+            "epsilon": (cfg.epsilon if cfg.sigma is None else None) if self.private else None,
+            "delta": cfg.delta if self.private else None,
+            "sigma": self.sigma,
+            "clip": cfg.clip if self.private else None,
+            "batch_size": cfg.batch_size,
+            "aug": cfg.aug,
+            "aug_mult": cfg.aug_mult,
+            "epochs": cfg.epochs,
+            "steps": self.total_steps,
+            "sample_rate": self.q,
+            "noise": cfg.noise if self.private else "non-private",
+            "seed": cfg.seed,
+        }
         return {
+            "run": run,
             "config": self.cfg.as_dict(),
             "resolved": {
                 "model_axes": self.model.axes.as_dict(),
