@@ -8,6 +8,7 @@ from scalemix.cli import (
     ablate_cmd,
     audit_cmd,
     bench_cmd,
+    bench_gpu_cmd,
     models_cmd,
     privacy_cmd,
     report_cmd,
@@ -37,6 +38,7 @@ app.command("status")(ablate_cmd.status)
 app.command("report")(report_cmd.report)
 app.command("audit")(audit_cmd.audit)
 app.add_typer(privacy_cmd.app, name="privacy")
+bench_cmd.app.command("gpu")(bench_gpu_cmd.gpu)
 app.add_typer(bench_cmd.app, name="bench")
 
 
