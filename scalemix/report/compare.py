@@ -80,6 +80,7 @@ def shared_configurations(grid_dirs: list):
                 "mean": s.mean,
                 "ci_low": s.ci_low,
                 "ci_high": s.ci_high,
+                "ci_cut": s.ci_cut,
                 "ci_method": s.ci_method,
                 "values": dict(zip(g.seed.astype(int), acc)),
             }
@@ -163,7 +164,7 @@ def compare_grids(grid_dirs: list, out_pdf=None, *, log=print) -> Path:
     from scalemix.privacy.grid import grid_privacy_from_dirs
     from scalemix.report.build import code_version
     from scalemix.report.pdf import A4, table_page, text_page
-    from scalemix.report.tables import md_table
+    from scalemix.report.tables import ci_pct, md_table
 
     per_grid, diffs, pooled, grids = shared_configurations(grid_dirs)
     first = Path(grid_dirs[0])
@@ -186,8 +187,8 @@ def compare_grids(grid_dirs: list, out_pdf=None, *, log=print) -> Path:
             "seeds": per_grid.seeds.map(lambda v: ", ".join(map(str, v))),
             "mean (%)": per_grid["mean"].map(lambda v: f"{100 * v:.1f}"),
             "95% CI (%)": [
-                "" if math.isnan(lo) else f"{100 * lo:.1f}-{100 * hi:.1f}"
-                for lo, hi in zip(per_grid.ci_low, per_grid.ci_high)
+                ci_pct(lo, hi, c)
+                for lo, hi, c in zip(per_grid.ci_low, per_grid.ci_high, per_grid.ci_cut)
             ],
             "CI method": per_grid.ci_method,
         }
@@ -220,8 +221,7 @@ def compare_grids(grid_dirs: list, out_pdf=None, *, log=print) -> Path:
             "n (distinct seeds)": pooled.distinct_seeds,
             "mean (%)": pooled["mean"].map(lambda v: f"{100 * v:.1f}"),
             "95% CI (%)": [
-                "" if math.isnan(lo) else f"{100 * lo:.1f}-{100 * hi:.1f}" + ("^" if c else "")
-                for lo, hi, c in zip(pooled.ci_low, pooled.ci_high, pooled.ci_cut)
+                ci_pct(lo, hi, c) for lo, hi, c in zip(pooled.ci_low, pooled.ci_high, pooled.ci_cut)
             ],
             "CI method": pooled.ci_method,
         }
@@ -267,6 +267,7 @@ def compare_grids(grid_dirs: list, out_pdf=None, *, log=print) -> Path:
             ],
         )
         keys = list(dict.fromkeys(per_grid.configuration))
+        cut_drawn = False
         fig, axs = plt.subplots(len(keys), 1, figsize=(A4[0], 1.2 + 1.6 * len(keys)), squeeze=False)
         for ax, key in zip(axs[:, 0], keys):
             g = per_grid[per_grid.configuration == key].reset_index(drop=True)
@@ -275,6 +276,16 @@ def compare_grids(grid_dirs: list, out_pdf=None, *, log=print) -> Path:
             lo = 100 * np.where(np.isfinite(g.ci_low), g.ci_low, g["mean"])
             hi = 100 * np.where(np.isfinite(g.ci_high), g.ci_high, g["mean"])
             ax.errorbar(m, y, xerr=[m - lo, hi - m], fmt="o", capsize=4, color="steelblue")
+            for yi, c, end_lo, end_hi in zip(y, g.ci_cut, lo, hi):  # an interval cut at 0 / 100 %
+                for marker, end, hit in (
+                    (">", end_hi, ("high", "both")),
+                    ("<", end_lo, ("low", "both")),
+                ):
+                    if c in hit:
+                        ax.plot(
+                            [end], [yi], marker=marker, color="firebrick", markersize=6, zorder=4
+                        )
+                        cut_drawn = True
             for yi, vals in zip(y, g["values"]):
                 v = 100 * np.array(list(vals.values()))
                 ax.scatter(v, np.full(len(v), yi - 0.15), s=10, color="grey")
@@ -284,11 +295,23 @@ def compare_grids(grid_dirs: list, out_pdf=None, *, log=print) -> Path:
         axs[-1, 0].set_xlabel(
             f"test accuracy, {grids[0].get('metric', 'raw weights')} (%): mean, 95 % t CI "
             "over seeds; grey: single runs"
+            + (
+                "\nred triangle: an interval cut at 0 or 100 % (its t interval reached past it)"
+                if cut_drawn
+                else ""
+            )
         )
         fig.tight_layout()
         pdf.savefig(fig)
         plt.close(fig)
-        table_page(pdf, "Shared configurations per grid", show)
+        cut_note = "^ marks an interval cut at 0 or 100 % (the t interval reached past it)."
+        table_page(
+            pdf,
+            "Shared configurations per grid",
+            show,
+            "Each grid's runs of the configuration, one per seed; t interval over its seeds."
+            + (" " + cut_note if any(c for c in per_grid.ci_cut) else ""),
+        )
         table_page(
             pdf,
             "Reproductions: the seeds both grids ran",
@@ -302,8 +325,8 @@ def compare_grids(grid_dirs: list, out_pdf=None, *, log=print) -> Path:
             pdf,
             "Each shared configuration over its distinct seeds",
             show_p,
-            "Every seed counted once, whichever grids ran it; t interval over the seeds; "
-            "^: cut at 100 %.",
+            "Every seed counted once, whichever grids ran it; t interval over the seeds."
+            + (" " + cut_note if any(c for c in pooled.ci_cut) else ""),
         )
     tmp.replace(pdf_path)
     log(
