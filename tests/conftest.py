@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import tempfile
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -27,6 +28,30 @@ os.environ["SCALEMIX_SEED_KEY"] = os.path.join(
 )
 # The fast engine's per-shape plans (engine/plans.py) are cached per session, not in ~.
 os.environ["SCALEMIX_CACHE_DIR"] = tempfile.mkdtemp(prefix="scalemix-test-cache-")
+
+
+@dataclass
+class CliResult:
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+def cli(capsys):
+    """``cli("train", "--out", d)`` runs ``scalemix train --out d`` in this process (the
+    command line's own ``main(argv)``: its exit codes and one-line errors, no traceback)
+    and returns the exit code, stdout and stderr. A subprocess is for what one proves:
+    signals, kills, torchrun, a fresh interpreter's imports."""
+    from scalemix.cli import main
+
+    def run(*args) -> CliResult:
+        capsys.readouterr()  # what came before is not this command's
+        code = main([str(a) for a in args])
+        captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    return run
 
 
 @pytest.fixture(scope="session")

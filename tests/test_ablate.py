@@ -208,7 +208,7 @@ def test_submitit_executor_runs_the_same_cells(tmp_path, monkeypatch):
     assert all(len(gd.attempts(r["id"])) == 1 for r in gd.table())
 
 
-def test_cli_dry_run_status_json_and_errors(tmp_path):
+def test_cli_dry_run_status_json_and_errors(tmp_path, cli):
     runner = CliRunner()
     grid_file = _grid(tmp_path, "groups = [4, 8]")
     out = tmp_path / "grid"
@@ -224,17 +224,11 @@ def test_cli_dry_run_status_json_and_errors(tmp_path):
     assert {c["status"] for c in data["cells"]} == {"done"}
     assert {c["axes"]["groups"] for c in data["cells"]} == {4, 8}
     assert all(0 <= c["result"]["test_acc"] <= 1 for c in data["cells"])
-    bad = subprocess.run(
-        [sys.executable, "-m", "scalemix", "status", str(tmp_path)], capture_output=True, text=True
-    )
-    assert bad.returncode == 2 and "not a grid directory" in bad.stderr
-    assert "Traceback" not in bad.stderr
-    bad = subprocess.run(
-        [sys.executable, "-m", "scalemix", "ablate", "--grid", "nope"],
-        capture_output=True,
-        text=True,
-    )
-    assert bad.returncode == 2 and "unknown grid" in bad.stderr
+    bad = cli("status", tmp_path)
+    assert bad.code == 2 and "not a grid directory" in bad.err
+    assert "Traceback" not in bad.err
+    bad = cli("ablate", "--grid", "nope")
+    assert bad.code == 2 and "unknown grid" in bad.err
 
 
 def test_wandb_cells_are_runs_in_the_grid_group(tmp_path, monkeypatch):

@@ -302,52 +302,14 @@ def test_bad_privacy_arguments(kw):
         epsilon_for(**args)
 
 
-def test_cli_privacy_json_agrees_with_library():
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "scalemix",
-            "privacy",
-            "epsilon",
-            "--sigma",
-            "1.0",
-            "--sample-rate",
-            "0.02",
-            "--steps",
-            "2500",
-            "--delta",
-            "1e-5",
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    eps = json.loads(out.stdout)["epsilon"]
+def test_cli_privacy_json_agrees_with_library(cli):
+    out = cli("privacy", "epsilon", "--sigma", "1.0", "--sample-rate", "0.02", "--steps", "2500", "--delta", "1e-5", "--json")
+    assert out.code == 0, out.err
+    eps = json.loads(out.out)["epsilon"]
     assert eps == pytest.approx(epsilon_for(sigma=1.0, sample_rate=0.02, steps=2500, delta=DELTA))
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "scalemix",
-            "privacy",
-            "sigma",
-            "--epsilon",
-            str(eps),
-            "--sample-rate",
-            "0.02",
-            "--steps",
-            "2500",
-            "--delta",
-            "1e-5",
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    assert json.loads(out.stdout)["sigma"] == pytest.approx(1.0, rel=0.02)
+    out = cli("privacy", "sigma", "--epsilon", str(eps), "--sample-rate", "0.02", "--steps", "2500", "--delta", "1e-5", "--json")
+    assert out.code == 0, out.err
+    assert json.loads(out.out)["sigma"] == pytest.approx(1.0, rel=0.02)
 
 
 def test_cli_privacy_does_not_import_opacus():

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -134,7 +132,7 @@ def test_almost_no_noise_reaches_the_ceiling(tiny_cfg, digits8, tmp_path):
     assert ceiling == pytest.approx(bounds.ceiling(1000)["steinke"])
 
 
-def test_broken_mechanism_raises_the_alarm(tiny_cfg, digits8, tmp_path, monkeypatch):
+def test_broken_mechanism_raises_the_alarm(tiny_cfg, digits8, tmp_path, monkeypatch, cli):
     """Noise at 0.3x while the accountant believes epsilon = 1."""
     real_add = NoiseSource.add_
     monkeypatch.setattr(NoiseSource, "add_", lambda self, t, std: real_add(self, t, 0.3 * std))
@@ -144,15 +142,11 @@ def test_broken_mechanism_raises_the_alarm(tiny_cfg, digits8, tmp_path, monkeypa
     assert res["epsilon"] <= 1.0
     assert res["epsilon_lower_bound"] > 1.0 and res["privacy_alarm"] is True
     # the stand-alone command recomputes the same bound and exits 3
-    out = subprocess.run(
-        [sys.executable, "-m", "scalemix", "audit", str(tmp_path / "broken"), "--json"],
-        capture_output=True,
-        text=True,
-    )
-    assert out.returncode == 3, out.stderr
-    again = json.loads(out.stdout)
+    out = cli("audit", tmp_path / "broken", "--json")
+    assert out.code == 3, out.err
+    again = json.loads(out.out)
     assert again["epsilon_lower_bound"] == pytest.approx(res["epsilon_lower_bound"])
-    assert "PRIVACY ALARM" in out.stderr
+    assert "PRIVACY ALARM" in out.err
 
 
 SEEDS = 20
@@ -211,7 +205,7 @@ def test_canary_records_survive_an_interruption(tiny_cfg, digits8, tmp_path):
 
 
 def test_input_canaries_are_ordinary_examples_and_rescored_from_the_model(
-    tiny_cfg, digits8, tmp_path
+    tiny_cfg, digits8, tmp_path, cli
 ):
     cfg = _audited(tiny_cfg, tmp_path, "input", sigma=1.0, epsilon=None, batch_size=256, epochs=1)
     cfg = cfg.replace(audit_canaries=100, canary_kind="input")
@@ -231,13 +225,9 @@ def test_input_canaries_are_ordinary_examples_and_rescored_from_the_model(
     privacy = json.loads((tmp_path / "input" / "privacy.json").read_text())
     assert "100 training examples were input canaries" in privacy["canaries"]
     assert res["private_examples"] == n - 100
-    out = subprocess.run(
-        [sys.executable, "-m", "scalemix", "audit", str(tmp_path / "input"), "--json"],
-        capture_output=True,
-        text=True,
-    )
-    assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout)["epsilon_lower_bound"] == pytest.approx(
+    out = cli("audit", tmp_path / "input", "--json")
+    assert out.code == 0, out.err
+    assert json.loads(out.out)["epsilon_lower_bound"] == pytest.approx(
         res["epsilon_lower_bound"]
     )
     assert torch.isfinite(torch.tensor(res["test_acc"]))

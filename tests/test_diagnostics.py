@@ -4,8 +4,6 @@ the analytic behaviour of Brock et al. 2021."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -77,28 +75,11 @@ def test_bn_relu_conv_preact_grows_inside_stage_and_drops_at_transitions():
     assert var[7] < 0.5 * var[6] and var[13] < 0.5 * var[12]  # drops at each transition
 
 
-def test_spp_cli_writes_figure_and_json(tmp_path):
+def test_spp_cli_writes_figure_and_json(tmp_path, cli):
     out = tmp_path / "spp.png"
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "scalemix",
-            "spp",
-            "--model",
-            "resnet9",
-            "--batch",
-            "16",
-            "--out",
-            str(out),
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert r.returncode == 0, r.stderr
-    rows = json.loads(r.stdout)["blocks"]
+    r = cli("spp", "--model", "resnet9", "--batch", "16", "--out", str(out), "--json")
+    assert r.code == 0, r.err
+    rows = json.loads(r.out)["blocks"]
     assert [row["index"] for row in rows] == [0, 1, 2]
     assert {"avg_sq_mean", "avg_var", "res_avg_var"} <= set(rows[1])
     assert out.stat().st_size > 1000

@@ -4,8 +4,6 @@ run and print the JSON they promise."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -24,14 +22,8 @@ def test_non_finite_loss_stops_as_diverged(tiny_cfg, digits8):
     assert saved["status"] == "diverged"
 
 
-def _cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "scalemix", *args], capture_output=True, text=True, timeout=900
-    )
-
-
-def test_bench_dp_step_json():
-    r = _cli(
+def test_bench_dp_step_json(cli):
+    r = cli(
         "bench",
         "dp-step",
         "--batch",
@@ -45,16 +37,16 @@ def test_bench_dp_step_json():
         "--no-memory",
         "--json",
     )
-    assert r.returncode == 0, r.stderr
-    res = json.loads(r.stdout)
+    assert r.code == 0, r.err
+    res = json.loads(r.out)
     assert set(res["engines"]) == {"nonprivate", "opacus", "opacus-ghost", "vmap", "scalemix"}
     for e in res["engines"].values():
         assert e["median_ms"] > 0 and e["ratio"] > 0
     assert res["engines"]["nonprivate"]["ratio"] == 1.0
 
 
-def test_bench_dp_step_memory_probe():
-    r = _cli(
+def test_bench_dp_step_memory_probe(cli):
+    r = cli(
         "bench",
         "dp-step",
         "--batch",
@@ -70,8 +62,8 @@ def test_bench_dp_step_memory_probe():
         "--profile",
         "--json",
     )
-    assert r.returncode == 0, r.stderr
-    res = json.loads(r.stdout)
+    assert r.code == 0, r.err
+    res = json.loads(r.out)
     for name in ("scalemix", "nonprivate"):
         e = res["engines"][name]
         assert e["peak_mb"] >= 0 and len(e["peak_mb_runs"]) == 2
@@ -83,13 +75,13 @@ def test_bench_dp_step_memory_probe():
     assert held["largest per-example chunk"] > 0 and "layer inputs and output gradients" in held
 
 
-def test_bench_unknown_engine_is_usage_error():
-    r = _cli("bench", "dp-step", "--engines", "turbo", "--no-memory")
-    assert r.returncode == 2 and "unknown engine" in r.stderr and "Traceback" not in r.stderr
+def test_bench_unknown_engine_is_usage_error(cli):
+    r = cli("bench", "dp-step", "--engines", "turbo", "--no-memory")
+    assert r.code == 2 and "unknown engine" in r.err and "Traceback" not in r.err
 
 
-def test_bench_train_against_opacus_recipe_on_digits():
-    r = _cli(
+def test_bench_train_against_opacus_recipe_on_digits(cli):
+    r = cli(
         "bench",
         "train",
         "--data",
@@ -105,8 +97,8 @@ def test_bench_train_against_opacus_recipe_on_digits():
         "--non-private-baseline",
         "--json",
     )
-    assert r.returncode == 0, r.stderr
-    res = json.loads(r.stdout)
+    assert r.code == 0, r.err
+    res = json.loads(r.out)
     ips = res["images_per_second"]
     assert ips["scalemix"] > 0 and ips["opacus"] > 0 and ips["non-private"] > 0
     assert res["speedup"] == ips["scalemix"] / ips["opacus"]

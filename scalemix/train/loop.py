@@ -205,6 +205,9 @@ class Trainer:
             checkpoint.load(self, self._resume_state, self.main_dir.checkpoint)
             self._resume_state = None
         self.world.agree(self.step, "the step to resume from", self.device)
+        # an earlier attempt in this directory (resumed, or restarted before its first
+        # checkpoint) may have released steps that no checkpoint holds: counted now
+        self._counted = resume_records.count_released_beyond_checkpoint(self)
         self.opened = False  # the run directory is written by open(), on the first step
 
     def open(self) -> None:
@@ -213,9 +216,7 @@ class Trainer:
         if self.opened:
             return
         self.opened = True
-        # an earlier attempt in this directory (resumed, or restarted before its first
-        # checkpoint) may have released steps that no checkpoint holds
-        self._count_released_beyond_checkpoint()
+        resume_records.persist_counted(self, self._counted)
         if self.resume:
             self.run_dir.result.unlink(missing_ok=True)  # a stale failed/diverged result
         self.metrics, self.epochs_log, self.diag_log = outputs.open_logs(self)
@@ -248,9 +249,6 @@ class Trainer:
             "audit/canaries.npz holds their indices, label shifts and coins (no image, no "
             "label, not which steps drew them); epsilon covers the training data as modified"
         )
-
-    def _count_released_beyond_checkpoint(self) -> None:
-        resume_records.count_released_beyond_checkpoint(self)
 
     def _released_record(self) -> dict:
         return resume_records.released_record(self)

@@ -48,7 +48,7 @@ def check_out_dir(rd: RunDir, cfg: TrainConfig, resume: bool, resume_diverged: b
             )
 
 
-def count_released_beyond_checkpoint(tr: Trainer) -> None:
+def count_released_beyond_checkpoint(tr: Trainer) -> dict | None:
     """Resume after a divergence, a crash, an OOM or a kill: the steps the earlier
     attempt committed after its last checkpoint were released (metrics, diagnostics,
     W&B, the grid's log), so they are added to the ledger, and the secret streams go
@@ -56,7 +56,11 @@ def count_released_beyond_checkpoint(tr: Trainer) -> None:
     uncounted, and no draw is reused (docs/sharp-edges.md, item 7). Seeded runs too:
     redoing a released step with the same draws is only harmless if the redo is bit for
     bit the same computation, which a change of threads, device or engine plan breaks
-    without notice."""
+    without notice.
+
+    Counted when the trainer is built (its ledger and streams are right from the start);
+    made durable by ``persist_counted`` when the run directory opens. Returns what
+    ``persist_counted`` needs, or None when nothing was released beyond the checkpoint."""
     rd = tr.run_dir
     diverged = rd.divergence.exists()
     record = read_json(rd.divergence if diverged else rd.released) or {}
@@ -65,7 +69,7 @@ def count_released_beyond_checkpoint(tr: Trainer) -> None:
         extra = max(tr.world.gather_object(extra))  # any rank released counts for all
         diverged = any(tr.world.gather_object(diverged))
     if extra <= 0 and not diverged:
-        return
+        return None
     if extra > 0 and tr.private:
         tr.ledger.step(tr.sigma, tr.q, count=extra)
         tr.abandoned_steps += extra
@@ -74,18 +78,27 @@ def count_released_beyond_checkpoint(tr: Trainer) -> None:
         # one draw of each per step: past the released steps, and past what was drawn
         stream.draws = max(stream.draws + max(extra, 0), int(draws.get(name, 0)))
     tr.committed_rng = tr.rng_state()
-    what = "diverged run" if diverged else "run that stopped after its last checkpoint"
+    return {"record": record, "diverged": diverged, "extra": max(extra, 0)}
+
+
+def persist_counted(tr: Trainer, counted: dict | None) -> None:
+    """Make what ``count_released_beyond_checkpoint`` counted durable, before anything of
+    this attempt is released: a checkpoint with the counted steps, the released record,
+    and the divergence record renamed (it is history now)."""
+    if counted is None:
+        return
+    rd = tr.run_dir
+    what = "diverged run" if counted["diverged"] else "run that stopped after its last checkpoint"
     tr.log(
-        f"resuming a {what} from step {tr.step}: {max(extra, 0)} released step(s) of "
+        f"resuming a {what} from step {tr.step}: {counted['extra']} released step(s) of "
         "the earlier attempt are added to epsilon; its random draws are not reused"
     )
     rd.root.mkdir(parents=True, exist_ok=True)
     tr.save_checkpoint()  # the counted steps are durable before anything else happens
     record_released(tr)
-    if diverged:
-        rd.divergence.rename(
-            rd.root / f"divergence-at-step-{record.get('diverged_at_step', 'unknown')}.json"
-        )
+    if counted["diverged"]:
+        at = counted["record"].get("diverged_at_step", "unknown")
+        rd.divergence.rename(rd.root / f"divergence-at-step-{at}.json")
 
 
 def released_record(tr: Trainer) -> dict:
