@@ -8,6 +8,7 @@ import torch
 
 from scalemix.engine import GhostEngine, VmapEngine
 from scalemix.engine.base import clip_margin
+from scalemix.engine.ways import EXPLICIT, GHOST, GROUPED, MATMUL, Way
 from scalemix.models import create_model, has_public_bn, refresh_public_stats
 from scalemix.privacy import NoiseSource, SecretStream
 from scalemix.privacy.mechanism import noisy_mean
@@ -125,19 +126,20 @@ class _EveryLayer(torch.nn.Module):
 
 
 @pytest.mark.parametrize(
-    "mode",
+    "force",
     [
-        "auto",
-        "ghost",
-        "explicit",
-        "explicit-keep/grouped",
-        "explicit-keep/matmul",
-        "explicit-recompute/grouped",
-        "explicit-recompute/matmul",
+        None,  # planned
+        Way(GHOST),
+        Way(EXPLICIT),  # the kind's product, kept within KEEP_RATIO
+        Way(EXPLICIT, GROUPED, kept=True),
+        Way(EXPLICIT, MATMUL, kept=True),
+        Way(EXPLICIT, GROUPED, kept=False),
+        Way(EXPLICIT, MATMUL, kept=False),
     ],
+    ids=str,
 )
 @pytest.mark.parametrize("k", [1, 2])
-def test_every_parameter_tensor_matches_reference(mode, k):
+def test_every_parameter_tensor_matches_reference(force, k):
     """Per tensor, not only the norm: each parameter's clipped sum equals the reference's
     (a swapped gain/bias pair keeps every norm right and fails here)."""
     torch.manual_seed(1)
@@ -152,18 +154,17 @@ def test_every_parameter_tensor_matches_reference(mode, k):
     clip = float(VmapEngine(model, clip=None)(x, y).norms.median())
     ref = VmapEngine(model, clip=clip)(x, y)
     engine = GhostEngine(model, clip=clip)
-    mode, _, impl = mode.partition("/")
-    if mode != "auto":
+    if force is not None:
         for layer in engine.layers:
             if layer.kind in ("conv", "wsconv", "linear"):
-                layer.mode, layer.per_example = mode, impl or None
+                layer.force = force
     fast = engine(x, y)
-    if impl:  # the forced way was taken (linear layers have only the batched product)
-        keep = ", kept" if mode == "explicit-keep" else ""
+    if force is not None and force.product:  # the forced way was taken (linear layers
+        keep = ", kept" if force.kept else ""  # have only the batched product)
         for lay in engine.layers:
             if lay.kind in ("conv", "wsconv", "linear"):
-                way = "matmul" if lay.kind == "linear" else impl
-                assert lay.used == f"explicit, {way}{keep}", (lay.used, lay.kind)
+                way = "matmul" if lay.kind == "linear" else force.product
+                assert str(lay.used) == f"explicit, {way}{keep}", (lay.used, lay.kind)
     names = [n for n, _ in model.named_parameters()]
     for name, a, b in zip(names, fast.grads, ref.grads):
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-13), name
@@ -192,37 +193,192 @@ def test_shifted_gram_equals_the_unfolded_gram(cin, cout, kernel, stride, paddin
     added where it reads inside the input, equals the one from the unfold."""
     import torch.nn.functional as F
 
-    from scalemix.engine.ghost import _Layer
+    from scalemix.engine.rules import ConvRule
 
     torch.manual_seed(0)
     m = torch.nn.Conv2d(cin, cout, kernel, stride, padding, dilation, bias=False).double()
     nb = 3
-    x = torch.randn(nb * k, cin, *hw, dtype=torch.float64)
+    x = torch.randn(k * nb, cin, *hw, dtype=torch.float64)  # view-major: row v * nb + i
     out_hw = m(x).shape[2:]
-    got = GhostEngine._shifted_gram(_Layer(m, "conv", [0]), x, nb, k, out_hw)
+    got = ConvRule.shifted_gram(m, x.view(k, nb, cin, *hw), out_hw)
     cols = F.unfold(x, m.kernel_size, m.dilation, m.padding, m.stride)
     d, t = cols.shape[1:]
-    a2 = cols.view(nb, k, d, t).permute(0, 1, 3, 2).reshape(nb, k * t, d)
+    a2 = cols.view(k, nb, d, t).permute(1, 0, 3, 2).reshape(nb, k * t, d)
     assert torch.allclose(got, torch.bmm(a2, a2.transpose(1, 2)), rtol=1e-12, atol=1e-12)
 
 
 @CONV_GEOMETRIES
-def test_grouped_per_example_gradient_equals_one_example_at_a_time(
+def test_explicit_per_example_gradients_equal_one_example_at_a_time(
     cin, cout, kernel, stride, padding, dilation, hw, k
 ):
-    """The explicit per-example gradient as one grouped weight gradient equals torch's
-    weight gradient of each example alone (its K views summed)."""
-    from scalemix.engine.ghost import _Layer
+    """The explicit per-example gradients, as one grouped weight gradient or by the unfold
+    and a batched product, equal torch's weight gradient of each example alone (its K
+    views summed)."""
+    from scalemix.engine.rules import ConvRule
 
     torch.manual_seed(0)
     m = torch.nn.Conv2d(cin, cout, kernel, stride, padding, dilation, bias=False).double()
     nb = 3
-    a = torch.randn(nb * k, cin, *hw, dtype=torch.float64)
-    g = torch.randn_like(m(a))
-    got = GhostEngine._grouped_per_example(_Layer(m, "conv", [0]), a, g, nb, k)
-    for i in range(nb):
-        rows = slice(i * k, (i + 1) * k)
-        want = torch.nn.grad.conv2d_weight(
-            a[rows], m.weight.shape, g[rows], m.stride, m.padding, m.dilation
-        )
-        assert torch.allclose(got[i], want, rtol=1e-10, atol=1e-12)
+    a = torch.randn(k, nb, cin, *hw, dtype=torch.float64)  # (views, examples, ...)
+    out = m(a.flatten(0, 1))
+    g = torch.randn_like(out).view(k, nb, *out.shape[1:])
+    for product in (GROUPED, MATMUL):
+        got = ConvRule().per_example(m, a, g, product)
+        for i in range(nb):
+            want = torch.nn.grad.conv2d_weight(
+                a[:, i], m.weight.shape, g[:, i], m.stride, m.padding, m.dilation
+            )
+            assert torch.allclose(got[i], want, rtol=1e-10, atol=1e-12), product
+
+
+# ---------------------------------------------------------------------- batched for any K
+
+K16_FORCES = [
+    None,  # planned
+    Way(GHOST),
+    Way(EXPLICIT, GROUPED, kept=True),
+    Way(EXPLICIT, MATMUL, kept=True),
+    Way(EXPLICIT, GROUPED, kept=False),
+    Way(EXPLICIT, MATMUL, kept=False),
+]
+
+
+def _every_layer_case(k: int, b: int = 5):
+    """_EveryLayer in float64 with gains and biases moved off 1 / 0, a batch of ``b``
+    examples with ``k`` views, and the slow reference: each example's gradient, one example
+    at a time with torch.autograd (tests/test_per_example_grads.reference_grads)."""
+    from tests.test_per_example_grads import reference_grads
+
+    torch.manual_seed(2)
+    model = _EveryLayer().double()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.endswith("weight") or p.dim() == 1:
+                p.add_(0.3 * torch.randn_like(p))
+    refresh_public_stats(model, torch.randn(16, 3, 6, 6, dtype=torch.float64))
+    x = torch.randn(b, k, 3, 6, 6, dtype=torch.float64)
+    y = torch.randint(0, 5, (b,))
+    return model, x, y, reference_grads(model, x, y)
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["one-chunk", "chunks-of-2"])
+@pytest.mark.parametrize("force", K16_FORCES, ids=str)
+def test_k16_batched_path_matches_one_example_at_a_time(monkeypatch, force, split):
+    """K = 16 views: every parameter's clipped sum and every per-parameter squared norm
+    equal the one-example-at-a-time reference, clipped by min(1, C (1 - m) / ||g_i||),
+    for every way. ``chunks-of-2``: the chunk bound holds two examples for every layer and
+    way (kept ones too), so 5 examples split 2 + 2 + 1 and every chunk boundary falls
+    between two examples' K views."""
+    import scalemix.engine.ghost as ghost
+
+    if split:
+        monkeypatch.setattr(ghost, "CHUNK_FLOATS", 2)
+        monkeypatch.setattr(ghost.GhostEngine, "_working", staticmethod(lambda *_: 1))
+    model, x, y, ref = _every_layer_case(k=16)
+    norms = torch.sqrt(sum(r.flatten(1).pow(2).sum(1) for r in ref))
+    clip = float(norms.median())  # some examples clipped, some not
+    factors = torch.clamp(clip * (1 - clip_margin(torch.float64)) / norms, max=1.0)
+    engine = GhostEngine(model, clip=clip)
+    if force is not None:
+        for layer in engine.layers:
+            if layer.rule.matmul:
+                layer.force = force
+    fast = engine(x, y)
+    assert torch.allclose(fast.norms, norms, rtol=1e-10)
+    want_sq = torch.stack([r.flatten(1).pow(2).sum(1) for r in ref])
+    assert torch.allclose(fast.layer_norms_sq, want_sq, rtol=1e-9, atol=1e-20)
+    names = [n for n, _ in model.named_parameters()]
+    for name, got, r in zip(names, fast.grads, ref):
+        want = torch.einsum("b,b...->...", factors, r)
+        assert torch.allclose(got, want, rtol=1e-9, atol=1e-13), name
+    assert 0 < int((norms > clip).sum()) < 5
+
+
+def test_k16_kept_layers_take_every_example_in_one_call(monkeypatch):
+    """No per-example loop on the hot path: at K = 16 with the CPU's chunk bound, each
+    kept layer makes its per-example gradients in one call, and every layer's way is
+    recorded as a value whose text is the old string."""
+    from scalemix.engine.rules import ConvRule
+
+    calls: dict[int, int] = {}
+    real = ConvRule.per_example
+
+    def counting(self, m, a_c, g_c, product):
+        calls[id(m)] = calls.get(id(m), 0) + 1
+        return real(self, m, a_c, g_c, product)
+
+    monkeypatch.setattr(ConvRule, "per_example", counting)  # WS convolutions' too
+    model, x, y, _ = _every_layer_case(k=16, b=8)
+    engine = GhostEngine(model, clip=1.0)
+    for layer in engine.layers:
+        if layer.rule.matmul:
+            layer.force = Way(EXPLICIT, kept=True)
+    engine(x, y)
+    for layer in engine.layers:
+        if layer.rule.matmul:
+            assert str(layer.used) in ("explicit, grouped, kept", "explicit, matmul, kept")
+            if layer.used.product == GROUPED:
+                assert calls[id(layer.module)] == 1, (layer.kind, calls[id(layer.module)])
+
+
+def test_way_text_and_values():
+    """Ways print as the strings they replaced (the plan cache keeps them), and a way that
+    cannot exist is refused when it is made."""
+    assert str(Way(GHOST)) == "ghost"
+    assert str(Way(GHOST, shifted=True)) == "ghost, shifted"
+    assert str(Way(EXPLICIT, GROUPED, kept=False)) == "explicit, grouped"
+    assert str(Way(EXPLICIT, MATMUL, kept=True)) == "explicit, matmul, kept"
+    assert Way(GHOST) == Way(GHOST, kept=False) and Way(GHOST).gram and not Way(GHOST).kept
+    for bad in (
+        dict(method="unfold"),
+        dict(method=GHOST, product=GROUPED),
+        dict(method=GHOST, kept=True),
+        dict(method=EXPLICIT, shifted=True),
+        dict(method=EXPLICIT, product="im2col"),
+    ):
+        with pytest.raises(ValueError):
+            Way(**bad)
+
+
+def test_rules_registry_looks_up_the_class_and_refuses_duplicates():
+    from scalemix.engine.rules import (
+        AffineNormRule,
+        ConvRule,
+        PublicBatchNormRule,
+        WSConvRule,
+        register,
+        rule_for,
+    )
+    from scalemix.errors import ConfigError
+    from scalemix.models.layers import PublicBatchNorm, WSConv2d
+
+    class MyConv(torch.nn.Conv2d):
+        pass
+
+    assert type(rule_for(WSConv2d(3, 4, 3))) is WSConvRule  # before nn.Conv2d's rule
+    assert type(rule_for(MyConv(3, 4, 3))) is ConvRule
+    assert type(rule_for(PublicBatchNorm(4))) is PublicBatchNormRule
+    assert type(rule_for(torch.nn.GroupNorm(2, 4))) is AffineNormRule
+    with pytest.raises(ConfigError, match="vmap"):
+        rule_for(torch.nn.BatchNorm2d(4))  # couples the examples: no rule
+    with pytest.raises(ValueError, match="registered already"):
+        register(torch.nn.Linear)(ConvRule)
+
+
+def test_chunk_bound_is_the_cache_on_the_cpu_and_a_share_of_free_memory_on_cuda(monkeypatch):
+    """The guarded CUDA branch only chooses a size: a quarter of the memory free to the
+    process (driver free + the allocator's unused reserve), never below the CPU bound."""
+    import scalemix.engine.ghost as ghost
+
+    assert ghost.chunk_floats(torch.device("cpu")) == ghost.CHUNK_FLOATS
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (8 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 3 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 1 * gib)
+    cuda = torch.device("cuda", 0)
+    assert ghost.chunk_floats(cuda, 4) == int(ghost.CUDA_FREE_SHARE * 10 * gib) // 4
+    assert ghost.chunk_floats(cuda, 8) == int(ghost.CUDA_FREE_SHARE * 10 * gib) // 8
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1024, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
+    assert ghost.chunk_floats(cuda, 4) == ghost.CHUNK_FLOATS

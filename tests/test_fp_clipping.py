@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from scalemix.engine import GhostEngine, clip_factors, make_engine
+from scalemix.engine.ways import EXPLICIT, GHOST, Way
 
 D, T = 512, 16  # the crafted layer: Linear(D -> D) at T positions
 
@@ -158,7 +159,7 @@ def test_cancelling_examples_are_recomputed_and_the_others_are_not():
     x[4:] = torch.randn(4, 1, T, D)  # ordinary examples
     engine = GhostEngine(model, clip=1e-3)
     r = engine(x, y)
-    assert engine.layers[0].used == "ghost" and engine.layers[0].guarded == 4
+    assert str(engine.layers[0].used) == "ghost" and engine.layers[0].guarded == 4
     assert torch.allclose(r.norms.double(), _reference(model, x, y).norm(dim=1), rtol=1e-3)
 
 
@@ -176,7 +177,7 @@ def test_ordinary_resnet9_batch_guards_nothing(monkeypatch):
     engine = GhostEngine(model, clip=1.0)
     r = engine(x, torch.randint(0, 10, (8,)))
     assert torch.isfinite(r.norms).all()
-    ghost = [lay for lay in engine.layers if lay.kind == "conv" and lay.used.startswith("ghost")]
+    ghost = [lay for lay in engine.layers if lay.kind == "conv" and lay.used.gram]
     assert len(ghost) == 6
     assert [layer.guarded for layer in engine.layers] == [0] * len(engine.layers)
 
@@ -209,7 +210,7 @@ def _adversarial(trial: int):
         else:
             model = _model(seed=trial, out_signs=signs, bias=bool(trial % 2))
         x, y = _inputs(6, delta, scale, seed=trial)
-    way = pick(["ghost", "explicit-recompute", None])
+    way = pick([Way(GHOST), Way(EXPLICIT, kept=False), None])
     return model, x, y, way, (kind, delta, scale, way)
 
 
@@ -225,7 +226,7 @@ def test_randomised_adversarial_inputs_are_released_within_c(block):
         clip = _clip_below_every_norm(model, x, y)
         engine = GhostEngine(model, clip)
         if way is not None:
-            engine.layers[0].mode = way
+            engine.layers[0].force = way
         r = engine(x, y)
         assert torch.isfinite(r.norms).all() and (r.norms >= 0).all(), label
         for i in range(len(y)):
@@ -420,7 +421,7 @@ def test_cuda_engine_runs_its_products_without_tf32(monkeypatch):
         y = torch.randint(0, 10, (8,), device="cuda")
         engine = GhostEngine(model, clip=1e-3)
         for layer in engine.layers:
-            layer.mode = "ghost"
+            layer.force = Way(GHOST)
         r = engine(x, y)
         assert seen and all(_all_off(s) for s in seen)
         assert (b_.cuda.matmul.allow_tf32, b_.cudnn.allow_tf32) == (True, True)
@@ -500,7 +501,7 @@ def test_the_gram_error_model_covers_adversarial_positions(t, d, p):
     for family in ("alternating", "positive", "inputs-alternating", "low-rank"):
         for seed, delta in enumerate((1e-2, 1e-4)):
             a, g = _positions(family, 8, t, d, p, delta, seed)
-            sq = engine._norms(layer, a, g, 8, 1, "ghost", False, None)[0][0]
+            sq = engine._norms(layer, a, g, 8, 1, Way(GHOST), None)[0][0]
             a64, g64 = a.double(), g.double()
             exact = (a64 @ a64.transpose(1, 2) * (g64 @ g64.transpose(1, 2))).sum((1, 2))
             scale = _scale(a64.pow(2).sum(2), g64.pow(2).sum(2), False)

@@ -16,14 +16,27 @@ One chunk costs one ordinary forward pass over all B*K views, one backward pass 
                 for a convolution either by the unfold and a batched product or as one
                 weight-gradient convolution with the examples as groups (no unfold)
   chosen by the FLOP count where it is clear and by timing where it is not, once per
-  shape and machine (plans.py);
+  shape and machine (plans.py); the way is a value (``ways.Way``), and what each kind of
+  layer does is its rule (``rules.py``, a registry from module type to rule);
 * the clipped sum sum_i c_i g_i: one more weight-gradient product with the output
-  gradients scaled by c_i, or an einsum over the explicit g_i where keeping those takes
-  at most KEEP_RATIO times the memory of the layer's input and output gradient.
+  gradients scaled by c_i, or one product c^T [g_1; ...; g_B] over the explicit
+  per-example gradients where keeping those takes at most KEEP_RATIO times the memory of
+  the layer's input and output gradient.
 
-Norms are computed inside the backward pass (a tensor hook on each layer's output), in
-chunks of examples, so that output gradients and unfolded activations are freed as the
-backward pass goes, as in a non-private backward.
+Norms are computed inside the backward pass (a tensor hook on each layer's output), so
+that output gradients and unfolded activations are freed as the backward pass goes, as
+in a non-private backward.
+
+Batched for any K. The forward pass runs view-major (row v * B + i is view v of example
+i), so a layer's input and output gradient are (K, B, ...) tensors and any run of
+examples [s, e) of them is a *view*: the grouped weight-gradient convolution takes the
+examples as groups and the views as its batch with no copy. The explicit per-example
+gradients of a layer come out of one call as one flat (B, numel) tensor per parameter,
+so their squared norms are one reduction and the clipped sum one product. Only working
+tensors (unfolds, Gram matrices, per-example gradients that are not kept) are bounded,
+per chunk of examples, by ``chunk_floats``: a cache-sized 8 MB on the CPU, a share of the
+free memory on CUDA; kept per-example gradients are the layer's store, not working
+memory, so those layers take every example in one call.
 
 The guard (docs/sharp-edges.md row 17). A Gram norm sums (K T)^2 products that cancel
 when an example's per-position terms g_t a_t^T nearly cancel: in fp32 it can come out
@@ -53,11 +66,11 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import replace
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from torch.func import vjp, vmap
+from torch.func import vmap
 
 from scalemix.engine import plans
 from scalemix.engine.base import (
@@ -69,65 +82,35 @@ from scalemix.engine.base import (
     full_fp32_products,
     view_averaged_loss,
 )
+from scalemix.engine.rules import ConvRule, Rule, Sizes, rule_for
+from scalemix.engine.ways import EXPLICIT, GHOST, MATMUL, Way
 from scalemix.errors import ConfigError
-from scalemix.models.layers import PublicBatchNorm, WSConv2d
 
 
 class _Layer:
-    """A module that owns trainable parameters, and what one forward pass left of it."""
+    """A module that owns trainable parameters, its rule, and what one forward pass left."""
 
-    def __init__(self, module: nn.Module, kind: str, param_idx: list[int]):
-        self.module, self.kind, self.param_idx = module, kind, param_idx
+    def __init__(self, module: nn.Module, rule: Rule, param_idx: list[int]):
+        self.module, self.rule, self.param_idx = module, rule, param_idx
         self.a: torch.Tensor | None = None
-        # conv / linear: None = planned per shape (plans.py); or forced: "ghost",
-        # "explicit" (kept within KEEP_RATIO), "explicit-keep", "explicit-recompute", with the
-        # per-example gradient by ``per_example``: "grouped" (convolutions' default) or
-        # "matmul" (unfold and batched product; linear layers' only way)
-        self.mode: str | None = None
-        self.per_example: str | None = None
-        self.used: str | None = None  # the way the last call took
+        # weight layers: None = planned per shape (plans.py); or a forced way, which may
+        # leave the explicit product (the kind's default) and keeping (within KEEP_RATIO)
+        # open; a WS convolution forced to ghost norms takes explicit norms, recomputed
+        self.force: Way | None = None
+        self.used: Way | None = None  # the way the last call took
         self.guarded = 0  # examples the last call recomputed the explicit way (the guard)
         self.calls = 0
 
-
-def _kind(m: nn.Module) -> str:
-    if isinstance(m, WSConv2d):
-        kind = "wsconv"
-    elif isinstance(m, nn.Conv2d):
-        kind = "conv"
-    elif isinstance(m, nn.Linear):
-        kind = "linear"
-    elif isinstance(m, PublicBatchNorm):
-        kind = "pbn"
-    elif isinstance(m, nn.GroupNorm):
-        kind = "gn"
-    else:
-        raise ConfigError(
-            f"engine 'scalemix' has no per-example rule for {type(m).__name__}; use --engine vmap"
-        )
-    if kind in ("conv", "wsconv") and m.groups != 1:
-        raise ConfigError(
-            "engine 'scalemix' supports ungrouped convolutions only; use --engine vmap"
-        )
-    if kind in ("conv", "wsconv") and (m.padding_mode != "zeros" or isinstance(m.padding, str)):
-        raise ConfigError(
-            f"engine 'scalemix' supports numeric zero padding only (this convolution has "
-            f"padding={m.padding!r}, padding_mode={m.padding_mode!r}); use --engine vmap"
-        )
-    return kind
+    @property
+    def kind(self) -> str:
+        return self.rule.name
 
 
-def _part_order(m: nn.Module, kind: str) -> list[nn.Parameter]:
-    """The parameters in the order the per-layer rules return their gradients: the
-    standardised weight's inputs first (weight, and gain for scaled WS), then the bias.
-    Matched to the model's parameters by identity, never by registration order."""
-    if kind in ("gn", "pbn"):
-        return [m.weight, m.bias]
-    first = list(m.ws_params()) if kind == "wsconv" else [m.weight]
-    return first + ([m.bias] if getattr(m, "bias", None) is not None else [])
-
-
-CHUNK_FLOATS = 2**21  # bound on one chunk's unfolded activations (8 MB in float32)
+# A chunk's *working* tensors (unfolds, Gram matrices, per-example gradients that are not
+# kept) are bounded per device (``chunk_floats``): on the CPU by a cache-sized 8 MB, on
+# CUDA by a share of the memory free when the backward pass starts.
+CHUNK_FLOATS = 2**21  # elements (8 MB in float32)
+CUDA_FREE_SHARE = 0.25
 # Keeping a layer's explicit per-example gradients saves the clipped sum's second
 # weight-gradient product; it is allowed while they take at most KEEP_RATIO times the
 # layer input and output gradient that the second product would keep instead. Measured on
@@ -136,6 +119,18 @@ CHUNK_FLOATS = 2**21  # bound on one chunk's unfolded activations (8 MB in float
 # the step's tensor peak stays 1.02x non-private; at 3 the 128 -> 256 convolution is kept
 # too, for no measurable time at batch 64 (1052 ms), 1.4 % at batch 256, and a 1.16x peak.
 KEEP_RATIO = 2.5
+
+
+def chunk_floats(device: torch.device, element_size: int = 4) -> int:
+    """The bound, in elements, on one chunk's working tensors on ``device`` now: the
+    cache-sized ``CHUNK_FLOATS`` on the CPU; on CUDA ``CUDA_FREE_SHARE`` of the memory
+    free to this process (the driver's free memory and the caching allocator's unused
+    reserve), never less than ``CHUNK_FLOATS``."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return max(CHUNK_FLOATS, int(CUDA_FREE_SHARE * free) // element_size)
+    return CHUNK_FLOATS
 
 
 def _frob(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -222,6 +217,11 @@ def _suspects(
     return ~ok
 
 
+def _by_example(t: torch.Tensor, k: int) -> torch.Tensor:
+    """(K B, ...) view-major rows -> the (K, B, ...) view."""
+    return t.view(k, t.shape[0] // k, *t.shape[1:])
+
+
 class GhostEngine(Engine):
     name = "scalemix"
 
@@ -232,124 +232,118 @@ class GhostEngine(Engine):
         for m in model.modules():
             own = [p for p in m.parameters(recurse=False) if p.requires_grad]
             if own:
-                kind = _kind(m)
-                order = _part_order(m, kind)
+                rule = rule_for(m)
+                order = rule.params(m)
                 if {id(p) for p in order} != {id(p) for p in own}:
                     raise ConfigError(
                         f"engine 'scalemix' cannot attribute the parameters of {type(m).__name__} "
                         "(frozen or extra parameters); use --engine vmap"
                     )
-                self.layers.append(_Layer(m, kind, [index[id(p)] for p in order]))
+                self.layers.append(_Layer(m, rule, [index[id(p)] for p in order]))
         self.memory: dict[str, int] = {}  # what the last call held, by kind (bytes)
+        self._bound: int | None = None  # this call's chunk bound (``chunk_floats``)
         covered = sorted(i for layer in self.layers for i in layer.param_idx)
         if covered != list(range(len(self.params))):  # pragma: no cover - defensive
             raise ConfigError("engine 'scalemix' could not attribute every parameter to a layer")
 
-    # ------------------------------------------------------------------ per layer
+    # ------------------------------------------------------------------ the way
+
+    def _chunk_bound(self, a: torch.Tensor) -> int:
+        """This call's bound on a chunk's working tensors, read once (at the first layer of
+        the backward pass, when the forward pass's activations are held)."""
+        if self._bound is None:
+            self._bound = chunk_floats(a.device, a.element_size())
+        return self._bound
 
     @staticmethod
-    def _positions(layer: _Layer, a: torch.Tensor, g: torch.Tensor, b: int, k: int):
-        """(A, G) as (b, K*T, d) and (b, K*T, p): each example's rows, views stacked."""
-        m = layer.module
-        if layer.kind == "linear":
-            return a.reshape(b, -1, a.shape[-1]), g.reshape(b, -1, g.shape[-1])
-        cols = F.unfold(a, m.kernel_size, m.dilation, m.padding, m.stride)  # (N, d, T)
-        _, d, t = cols.shape
-        a2 = cols.view(b, k, d, t).permute(0, 1, 3, 2).reshape(b, k * t, d)
-        p = g.shape[1]
-        g2 = g.reshape(b, k, p, t).permute(0, 1, 3, 2).reshape(b, k * t, p)
-        return a2, g2
+    def _resolve(way: Way, rule: Rule, s: Sizes, costs: dict, can_keep: bool) -> Way:
+        """A complete way: ghost norms with the input Gram by shifts where that is cheaper;
+        explicit gradients kept within KEEP_RATIO where keeping is left open."""
+        if way.gram:
+            return Way(GHOST, shifted=s.rows > 1 and costs["shifted"])
+        if way.product not in rule.products:  # open, or not the kind's: its default
+            way = replace(way, product=rule.products[0])
+        return way if way.kept is not None else replace(way, kept=can_keep)
 
-    @staticmethod
-    def _costs(layer: _Layer, a: torch.Tensor, g: torch.Tensor, k: int) -> dict:
-        """Per-example multiply-adds of each way to the norm (K views stacked), and whether
-        the ghost way takes the input's Gram matrix by shifts (see ``_shifted_gram``)."""
-        m = layer.module
-        d, p = m.weight[0].numel(), m.weight.shape[0]
-        rows = g[0].numel() // p * k
-        out = {"ghost": rows * rows * (d + p), "explicit": rows * d * p, "shifted": False}
-        if layer.kind == "conv":  # numeric zero padding (``_kind``)
-            kh, kw = m.kernel_size
-            positions = k * a.shape[2] * a.shape[3]
-            shifted = positions * positions * a.shape[1] + rows * rows * kh * kw
-            if shifted < rows * rows * d:
-                out["ghost"], out["shifted"] = shifted + rows * rows * p, True
-        return out
+    def _way(self, layer: _Layer, a, g, b: int, k: int, s: Sizes, costs: dict, can_keep: bool):
+        force = layer.force
+        if force is None:
+            way = self._plan(layer, a, g, b, k, s, costs, can_keep)
+        elif force.gram and not layer.rule.ghost:
+            way = Way(EXPLICIT, kept=False)  # a WS convolution's pullback needs the gradient
+        else:
+            way = force
+        return self._resolve(way, layer.rule, s, costs, can_keep)
 
-    @staticmethod
-    def _ghost_way(costs: dict, rows: int) -> str:
-        """Ghost norms with the input Gram by shifts where that is cheaper, else unfolded."""
-        return "ghost, shifted" if rows > 1 and costs["shifted"] else "ghost"
+    def _plan(self, layer: _Layer, a, g, b: int, k: int, s: Sizes, costs: dict, can_keep):
+        """The way to this layer's norms for its shapes: ghost norms, or the explicit
+        per-example gradient by one of the kind's products (``Rule.products``: a
+        convolution's weight gradient with the examples as groups, or the unfold and a
+        batched product). Ghost or explicit by FLOPs where clear; the explicit ways have the
+        same FLOPs, so between them, and wherever FLOPs do not decide, by timing. The plan
+        cache stores ``str`` of the chosen (unresolved) way."""
+        rule, m = layer.rule, layer.module
+        ghost = Way(GHOST)
+        if s.rows == 1 and rule.ghost:
+            return ghost  # one position: the norm is a product of two vector norms
+        explicit = [Way(EXPLICIT, product) for product in rule.products]
+        ratio = costs["ghost"] / costs["explicit"]
+        if not rule.ghost:  # the standardised weight's pullback needs the explicit gradient
+            options = explicit
+        elif typical_ratio(s.rows, k) > ghost_ratio_limit(s.d, s.p, s.rows):
+            options = explicit  # Gram norms too inexact for most examples (the guard)
+        elif ratio < 1 / plans.CLEAR:
+            options = [ghost]
+        elif ratio > plans.CLEAR:
+            options = explicit
+        else:
+            options = [ghost, *explicit]
+        if len(options) == 1:
+            return options[0]
+        if os.environ.get("SCALEMIX_ENGINE_PLAN") == "flops":
+            # equal FLOPs: the first explicit way (grouped for a convolution: no unfold)
+            return ghost if ghost in options and ratio < 1 else explicit[0]
+        key = (
+            f"{rule.name} {tuple(m.weight.shape)} {rule.geometry(m)} bias {s.bias} | "
+            f"input {tuple(a.shape[1:])} output {tuple(g.shape[1:])} K {k} | {a.dtype} | "
+            f"per-example gradients kept {can_keep}"  # the explicit ways' timing differs
+        )
 
-    @staticmethod
-    def _shifted_gram(layer: _Layer, x: torch.Tensor, nb: int, k: int, out_hw) -> torch.Tensor:
-        """Each example's Gram matrix of its unfolded input, (nb, K*T, K*T), without the
-        unfold: a patch is C channels at kh*kw shifted positions, so
-        (A A^T)[t, t'] = sum over kernel offsets o of X^T X [t*stride + o - pad, t'*stride + o - pad],
-        where a position in the padding contributes zero: the Gram matrix of the input's
-        positions (C per entry), and for each offset its strided block of the positions
-        that offset reads inside the input, added into the block of the output positions
-        that read them. (K H W)^2 C + (K T)^2 kh kw multiply-adds instead of (K T)^2 C kh kw.
-        """
-        m = layer.module
-        (ph, pw), (kh, kw) = m.padding, m.kernel_size
-        (sh, sw), (dh, dw) = m.stride, m.dilation
-        ho, wo = out_hw
-        c, h, w = x.shape[1:]
-        xs = x.reshape(nb, k, c, h * w).transpose(1, 2).reshape(nb, c, k * h * w)
-        gx = torch.bmm(xs.transpose(1, 2), xs).view(nb, k, h, w, k, h, w)
+        def candidates():
+            ra, rg = torch.randn_like(a), torch.randn_like(g)  # timing never reads training data
+            c = torch.rand(b, dtype=a.dtype, device=a.device)
 
-        def reads(offset: int, step: int, dil: int, pad: int, size: int, out: int):
-            """Output positions [o0, o1) whose tap ``offset`` falls inside the input, and
-            the strided input slice they read."""
-            shift = offset * dil - pad  # input index of output 0's tap
-            o0 = max(0, -(shift // step) if shift < 0 else 0)
-            o1 = min(out, (size - 1 - shift) // step + 1) if size - 1 - shift >= 0 else 0
-            first = o0 * step + shift
-            return o0, o1, slice(first, first + step * (o1 - o0 - 1) + 1, step)
+            def run(way: Way):
+                way = self._resolve(way, rule, s, costs, can_keep)
 
-        aa = gx.new_zeros(nb, k, ho, wo, k, ho, wo)
-        for i in range(kh):
-            r0, r1, rs = reads(i, sh, dh, ph, h, ho)
-            if r0 >= r1:
-                continue
-            for j in range(kw):
-                c0, c1, cs = reads(j, sw, dw, pw, w, wo)
-                if c0 >= c1:
-                    continue
-                aa[:, :, r0:r1, c0:c1, :, r0:r1, c0:c1] += gx[:, :, rs, cs, :, rs, cs]
-        return aa.reshape(nb, k * ho * wo, k * ho * wo)
+                def go():
+                    kept = self._norms(layer, ra, rg, b, k, way, None)[1]
+                    self._clipped(layer, ra, rg, b, k, kept, None, {})(c)
+
+                return go
+
+            return {str(way): run(way) for way in options}
+
+        by_name = {str(way): way for way in options}
+        return by_name[plans.choose(key, a.device, tuple(by_name), candidates)]
+
+    # ------------------------------------------------------------------ weight layers
 
     def _matmul_layer(self, layer: _Layer, a: torch.Tensor, g: torch.Tensor, b: int, k: int):
         """Per-example squared norms of conv / linear parameters, and the clipped-sum finisher."""
-        m = layer.module
-        d, p = m.weight[0].numel(), m.weight.shape[0]
-        rows = g[0].numel() // p * k  # positions per example, its K views stacked
-        bias_numel = p if getattr(m, "bias", None) is not None else 0
+        rule, m = layer.rule, layer.module
+        s = Sizes(m, g, k)
         # keeping the explicit per-example gradients instead of the layer input and output
         # gradient that the clipped sum's second product needs: within KEEP_RATIO of them
-        can_keep = (d * p + bias_numel) * b <= KEEP_RATIO * (a.numel() + g.numel())
-        costs = self._costs(layer, a, g, k)
-        if layer.mode is None:
-            way = self._plan(layer, a, g, b, k, rows, costs, can_keep)
-            keep = way.startswith("explicit") and can_keep
-        elif layer.mode == "ghost" and layer.kind != "wsconv":
-            way, keep = "ghost", False
-        else:  # forced explicit (always for weight standardisation, whose pullback needs
-            # it), by the forced per-example way or the layer kind's default
-            impl = "matmul" if layer.kind == "linear" else layer.per_example or "grouped"
-            way = f"explicit, {impl}"
-            keep = layer.mode == "explicit-keep" or (layer.mode == "explicit" and can_keep)
-        if way == "ghost":
-            way = self._ghost_way(costs, rows)
-        layer.used = way + (", kept" if keep else "")
-        pullback = None
-        if layer.kind == "wsconv":  # the standardised weight's vjp, for norms and sum alike
-            _, pullback = vjp(m.standardize, *(t.detach() for t in m.ws_params()))
-        sq, kept, chunk_bytes, suspect = self._norms(layer, a, g, b, k, way, keep, pullback)
+        can_keep = (s.d * s.p + s.p * s.bias) * b <= KEEP_RATIO * (a.numel() + g.numel())
+        costs = rule.costs(m, a, g, k)
+        way = self._way(layer, a, g, b, k, s, costs, can_keep)
+        layer.used = way
+        pullback = rule.pullback(m)  # the standardised weight's vjp, for norms and sum alike
+        sq, kept, chunk_bytes, suspect = self._norms(layer, a, g, b, k, way, pullback)
         self._note_chunk(chunk_bytes)
         if kept is not None:
-            self._note_held("per-example gradients kept", [t for *_, ts in kept for t in ts])
+            self._note_held("per-example gradients kept", kept)
         else:
             self._note_held("layer inputs and output gradients", [a, g])
         rescued: dict = {}  # the guard's explicit per-example gradients, by ``rescue``
@@ -363,282 +357,149 @@ class GhostEngine(Engine):
             return [_frob(t, t) for t in parts]
 
         guard = None if suspect is None else (suspect, rescue)
-        return sq, self._clipped(layer, a, g, b, kept, pullback, rescued), guard
-
-    def _plan(self, layer: _Layer, a, g, b: int, k: int, rows: int, costs: dict, can_keep):
-        """The way to this layer's norms for its shapes: "ghost", or the explicit
-        per-example gradient by "explicit, matmul" (unfold and batched product) or
-        "explicit, grouped" (a convolution's weight gradient with the examples as groups,
-        no unfold). Ghost or explicit by FLOPs where clear; the two explicit ways have the
-        same FLOPs, so between them, and wherever FLOPs do not decide, by timing."""
-        if rows == 1 and layer.kind != "wsconv":
-            return "ghost"  # one position: the norm is a product of two vector norms
-        explicit = ["explicit, matmul"]
-        if layer.kind != "linear":
-            explicit.insert(0, "explicit, grouped")
-        ratio = costs["ghost"] / costs["explicit"]
-        m = layer.module
-        if layer.kind == "wsconv":  # the standardised weight's pullback needs the explicit gradient
-            options = explicit
-        elif typical_ratio(rows, k) > ghost_ratio_limit(
-            m.weight[0].numel(), m.weight.shape[0], rows
-        ):
-            options = explicit  # Gram norms too inexact for most examples (the guard)
-        elif ratio < 1 / plans.CLEAR:
-            options = ["ghost"]
-        elif ratio > plans.CLEAR:
-            options = explicit
-        else:
-            options = ["ghost", *explicit]
-        if len(options) == 1:
-            return options[0]
-        if os.environ.get("SCALEMIX_ENGINE_PLAN") == "flops":
-            # equal FLOPs: the grouped way, which needs no unfold memory
-            return "ghost" if "ghost" in options and ratio < 1 else explicit[0]
-        geometry = (
-            f"stride {m.stride} padding {m.padding} dilation {m.dilation}"
-            if layer.kind != "linear"
-            else "linear"
-        )
-        key = (
-            f"{layer.kind} {tuple(m.weight.shape)} {geometry} bias {m.bias is not None} | "
-            f"input {tuple(a.shape[1:])} output {tuple(g.shape[1:])} K {k} | {a.dtype} | "
-            f"per-example gradients kept {can_keep}"  # the explicit ways' timing differs
-        )
-
-        def candidates():
-            ra, rg = torch.randn_like(a), torch.randn_like(g)  # timing never reads training data
-            c = torch.rand(b, dtype=a.dtype, device=a.device)
-
-            def run(way: str):
-                keep = way.startswith("explicit") and can_keep
-                if way == "ghost":
-                    way = self._ghost_way(costs, rows)
-
-                def go():
-                    kept = self._norms(layer, ra, rg, b, k, way, keep, None)[1]
-                    self._clipped(layer, ra, rg, b, kept, None, {})(c)
-
-                return go
-
-            return {way: run(way) for way in options}
-
-        return plans.choose(key, a.device, tuple(options), candidates)
+        return sq, self._clipped(layer, a, g, b, k, kept, pullback, rescued), guard
 
     @staticmethod
-    def _grouped_per_example(layer: _Layer, a_c, g_c, nb: int, k: int) -> torch.Tensor:
-        """(nb, *weight.shape): each example's weight gradient, its K views summed, as one
-        convolution weight gradient with the examples as groups (views as the batch)."""
-        m = layer.module
-        c, p = a_c.shape[1], g_c.shape[1]
-        x = a_c.view(nb, k, *a_c.shape[1:]).transpose(0, 1).reshape(k, nb * c, *a_c.shape[2:])
-        gy = g_c.view(nb, k, *g_c.shape[1:]).transpose(0, 1).reshape(k, nb * p, *g_c.shape[2:])
-        w = torch.nn.grad.conv2d_weight(
-            x, (nb * p, *m.weight.shape[1:]), gy, m.stride, m.padding, m.dilation, groups=nb
-        )
-        return w.view(nb, *m.weight.shape)
-
-    def _norms(self, layer: _Layer, a, g, b: int, k: int, way: str, keep: bool, pullback):
-        """Per-parameter squared per-example norms, the per-example gradients if ``keep``,
-        the bytes of the largest chunk's working tensors, and the guard's (b,) suspects
-        (None where norm and clipped sum come from the same kept tensors, or where the norm
-        is a product of two sums of squares). ``way``: "ghost, shifted", "ghost" (from the
-        unfold), "explicit, matmul" or "explicit, grouped"."""
-        m = layer.module
-        has_bias = getattr(m, "bias", None) is not None
-        d, p = m.weight[0].numel(), m.weight.shape[0]
-        rows = g[0].numel() // p * k
-        shifted = way == "ghost, shifted"
-        gram = way.startswith("ghost")
-        guarded = not keep and rows > 1
-        amplify = self._pullback_bound(layer) if guarded and pullback is not None else 1.0
-        per_example = rows * max(d, p)
-        if shifted:  # the input positions' Gram matrix, the input's and the output's
+    def _working(a: torch.Tensor, k: int, way: Way, s: Sizes) -> int:
+        """Elements of the working tensors one example adds to a chunk: what the chunk bound
+        limits. Kept per-example gradients are the layer's store, not working memory; a
+        grouped convolution reads views of the layer's input and output gradient."""
+        if way.shifted:  # the input positions' Gram matrix, the input's and the output's
             positions = k * a.shape[2] * a.shape[3]
-            per_example = positions * (positions + a.shape[1]) + rows * (2 * rows + p)
-        elif way == "explicit, grouped":  # the per-example gradients, and the views' copies
-            per_example = d * p + (a[0].numel() + g[0].numel()) * k * (k > 1)
-        chunk = max(1, CHUNK_FLOATS // per_example)
+            return positions * (positions + a.shape[1]) + s.rows * (2 * s.rows + s.p)
+        if way.gram:  # the unfolded positions, and their two Gram matrices
+            return s.rows * (s.d + s.p) + (2 * s.rows * s.rows if s.rows > 1 else 0)
+        out = 0 if way.kept else s.d * s.p
+        return out + (s.rows * (s.d + s.p) if way.product == MATMUL else 0)
+
+    def _norms(self, layer: _Layer, a, g, b: int, k: int, way: Way, pullback):
+        """Per-parameter squared per-example norms, the per-example gradients if
+        ``way.kept`` (one (B, ...) tensor per parameter), the bytes of the largest chunk's
+        working tensors, and the guard's (b,) suspects (None where norm and clipped sum come
+        from the same kept tensors, or where the norm is a product of two sums of squares).
+        ``a`` and ``g`` are view-major (K B, ...)."""
+        rule, m = layer.rule, layer.module
+        s = Sizes(m, g, k)
+        guarded = not way.kept and s.rows > 1
+        amplify = rule.pullback_bound(m) if guarded and pullback is not None else 1.0
+        per_example = self._working(a, k, way, s)
+        chunk = max(1, self._chunk_bound(a) // per_example) if per_example else b
+        av, gv = _by_example(a, k), _by_example(g, k)
         sq_chunks: list[list[torch.Tensor]] = []
-        part_chunks: list[list[torch.Tensor]] = []
+        store: list[torch.Tensor] | None = None  # kept per-example gradients, (b, ...) each
         suspects: list[torch.Tensor] = []
-        largest = 0
-        for s in range(0, b, chunk):
-            e = min(b, s + chunk)
-            a_c, g_c = a[s * k : e * k], g[s * k : e * k]
+        for s0 in range(0, b, chunk):
+            e = min(b, s0 + chunk)
+            a_c, g_c = av[:, s0:e], gv[:, s0:e]  # views: (K, nb, ...)
             sq: list[torch.Tensor] = []
+            parts: list[torch.Tensor] = []
             rows_sq = None  # (row_a, row_g): squared norms of each position's input and output
-            if shifted:
-                # (nb, p, K*T): a view for K = 1 (positions along the last axis)
-                g3 = g_c.reshape(e - s, k, p, -1).transpose(1, 2).reshape(e - s, p, rows)
-                aa = self._shifted_gram(layer, a_c, e - s, k, g_c.shape[2:])
-                gg = torch.bmm(g3.transpose(1, 2), g3)
-                sq.append(_frob(aa, gg))
-                rows_sq = (aa.diagonal(0, 1, 2), gg.diagonal(0, 1, 2))
-                parts = []
-                work = (e - s) * per_example  # everything: there is no unfold
-            elif way == "ghost":
-                a2, g2 = self._positions(layer, a_c, g_c, e - s, k)
-                if rows == 1:  # a product of two sums of squares: nothing cancels
-                    sq.append(a2.pow(2).sum((1, 2)) * g2.pow(2).sum((1, 2)))
+            if way.gram:
+                if way.shifted:
+                    g3 = ConvRule.output_rows(g_c)  # (nb, p, K*T)
+                    aa = ConvRule.shifted_gram(m, a_c, g_c.shape[3:])
+                    gg = torch.bmm(g3.transpose(1, 2), g3)
                 else:
-                    aa = torch.bmm(a2, a2.transpose(1, 2))
-                    gg = torch.bmm(g2, g2.transpose(1, 2))
+                    a2, g2 = rule.positions(m, a_c, g_c)
+                    if s.rows == 1:  # a product of two sums of squares: nothing cancels
+                        aa = gg = None
+                        sq.append(a2.pow(2).sum((1, 2)) * g2.pow(2).sum((1, 2)))
+                    else:
+                        aa = torch.bmm(a2, a2.transpose(1, 2))
+                        gg = torch.bmm(g2, g2.transpose(1, 2))
+                if aa is not None:
                     sq.append(_frob(aa, gg))
                     rows_sq = (aa.diagonal(0, 1, 2), gg.diagonal(0, 1, 2))
-                parts = []
-                work = a2.numel() + g2.numel() + 2 * (e - s) * rows * rows  # unfold, 2 Grams
             else:
-                if way == "explicit, grouped":
-                    per_ex = self._grouped_per_example(layer, a_c, g_c, e - s, k)
-                    work = (e - s) * per_example
-                    if guarded:
-                        rows_sq = self._patch_rows_sq(layer, a_c, g_c, e - s)
-                else:
-                    a2, g2 = self._positions(layer, a_c, g_c, e - s, k)
-                    per_ex = torch.bmm(g2.transpose(1, 2), a2).reshape(e - s, *m.weight.shape)
-                    work = a2.numel() + g2.numel() + (e - s) * d * p
-                    if guarded:
-                        rows_sq = (a2.pow(2).sum(2), g2.pow(2).sum(2))
+                per_ex = rule.per_example(m, a_c, g_c, way.product)
+                if guarded:
+                    rows_sq = rule.explicit_rows_sq(m, a_c, g_c, way.product)
                 parts = list(vmap(pullback)(per_ex)) if pullback is not None else [per_ex]
-                sq += [_frob(t, t) for t in parts]
-            if has_bias:  # (nb, p): the output gradient summed over positions and views
-                if layer.kind == "linear":
-                    bias_g = g_c.reshape(e - s, -1, p).sum(1)
+            if s.bias:  # (nb, p): the output gradient summed over positions and views
+                parts.append(rule.bias_per_example(m, g_c))
+            if way.kept:  # the norms are taken of the stored tensors the sum will read
+                if s0 == 0 and e == b:
+                    store = parts
                 else:
-                    bias_g = g_c.reshape(e - s, k, p, -1).sum((1, 3))
-                sq.append(bias_g.pow(2).sum(1))
-                parts = parts + [bias_g]
+                    if store is None:
+                        store = [t.new_empty(b, *t.shape[1:]) for t in parts]
+                    for dst, t in zip(store, parts):
+                        dst[s0:e] = t
+                    parts = [t[s0:e] for t in store]
+            sq += [_frob(t, t) for t in parts]  # ghost ways: the bias's only
             if guarded and rows_sq is not None:
                 suspects.append(
                     _suspects(
                         sum(sq),
-                        _scale(*rows_sq, has_bias),
-                        gram=gram,
-                        d=d,
-                        p=p,
-                        rows=rows,
+                        _scale(*rows_sq, s.bias),
+                        gram=way.gram,
+                        d=s.d,
+                        p=s.p,
+                        rows=s.rows,
                         amplify=amplify,
                     )
                 )
             sq_chunks.append(sq)
-            if keep:
-                part_chunks.append((s, e, parts))
-            largest = max(largest, work * a.element_size())
-        sq_all = [torch.cat(c) for c in zip(*sq_chunks)]
+        sq_all = [c[0] if len(c) == 1 else torch.cat(c) for c in zip(*sq_chunks)]
         suspect = torch.cat(suspects) if suspects else None
-        # kept per-example gradients stay in their chunks: no concatenation, no second copy
-        return sq_all, part_chunks if keep else None, largest, suspect
-
-    @staticmethod
-    def _patch_rows_sq(layer: _Layer, a_c, g_c, nb: int):
-        """(nb, K*T) squared norms of each unfolded input patch and output-gradient
-        position, without the unfold: the channels' sum of squares summed over the kernel's
-        window (zero padding reads zeros) by a convolution with a kernel of ones."""
-        m = layer.module
-        x2 = a_c.pow(2).sum(1, keepdim=True)
-        ones = x2.new_ones(1, 1, *m.kernel_size)
-        row_a = F.conv2d(x2, ones, None, m.stride, m.padding, m.dilation)
-        return row_a.reshape(nb, -1), g_c.pow(2).sum(1).reshape(nb, -1)
-
-    @staticmethod
-    def _pullback_bound(layer: _Layer) -> float:
-        """An upper bound on the operator norm of weight standardisation's pullback, which
-        maps the error of a second product's weight gradient into the parameters'. Per
-        filter o, the weight's part is (scale_o) times a projection (norm <= 1), scale_o =
-        1 / sqrt(var_o + eps) (plain) or gain_o / sqrt(fan_in var_o + eps) (scaled), and the
-        gain's is the inner product with (w_o - mean_o) / sqrt(fan_in var_o + eps)."""
-        m = layer.module
-        with torch.no_grad():
-            w = m.weight.detach().to(torch.float64)
-            mean = w.mean(dim=(1, 2, 3))
-            var = w.var(dim=(1, 2, 3), unbiased=False)
-            if m.mode == "scaled":
-                den = torch.sqrt(var * m.fan_in + m.eps)
-                gain = m.gain.detach().to(torch.float64).reshape(-1)
-                centred = (w - mean.view(-1, 1, 1, 1)).flatten(1).norm(dim=1)
-                bound = torch.sqrt((gain / den) ** 2 + (centred / den) ** 2)
-            else:
-                bound = 1 / torch.sqrt(var + m.eps)
-            return float(bound.max())
+        largest = min(chunk, b) * per_example * a.element_size()
+        return sq_all, store, largest, suspect
 
     def _explicit_parts(self, layer: _Layer, a, g, b: int, k: int, idx: torch.Tensor, pullback):
         """The guard's fallback: explicit per-example gradients of the examples ``idx`` (per
-        parameter, in ``_part_order``), in chunks, from the layer input and output gradient
+        parameter, in the rule's order), in chunks, from the layer input and output gradient
         the clipped sum's second product keeps."""
-        m = layer.module
-        d, p = m.weight[0].numel(), m.weight.shape[0]
-        has_bias = getattr(m, "bias", None) is not None
-        n = a.shape[0] // b  # K rows of the batch per example
-        per_example = d * p + (a[0].numel() + g[0].numel()) * n
-        chunk = max(1, CHUNK_FLOATS // per_example)
+        rule, m = layer.rule, layer.module
+        s = Sizes(m, g, k)
+        product = rule.products[0]
+        per_example = s.d * s.p + (a[0].numel() + g[0].numel()) * k  # the gathered rows too
+        chunk = max(1, self._chunk_bound(a) // per_example)
+        av, gv = _by_example(a, k), _by_example(g, k)
         out: list[list[torch.Tensor]] = []
-        for s in range(0, idx.numel(), chunk):
-            sel = idx[s : s + chunk]
-            nb = sel.numel()
-            a_c = a.unflatten(0, (b, n))[sel].flatten(0, 1)
-            g_c = g.unflatten(0, (b, n))[sel].flatten(0, 1)
-            if layer.kind == "linear":
-                a2, g2 = self._positions(layer, a_c, g_c, nb, k)
-                per_ex = torch.bmm(g2.transpose(1, 2), a2).reshape(nb, *m.weight.shape)
-            else:
-                per_ex = self._grouped_per_example(layer, a_c, g_c, nb, k)
+        for s0 in range(0, idx.numel(), chunk):
+            sel = idx[s0 : s0 + chunk]
+            a_c, g_c = av[:, sel], gv[:, sel]
+            per_ex = rule.per_example(m, a_c, g_c, product)
             parts = list(vmap(pullback)(per_ex)) if pullback is not None else [per_ex]
-            if has_bias:
-                if layer.kind == "linear":
-                    parts.append(g_c.reshape(nb, -1, p).sum(1))
-                else:
-                    parts.append(g_c.reshape(nb, k, p, -1).sum((1, 3)))
+            if s.bias:
+                parts.append(rule.bias_per_example(m, g_c))
             out.append(parts)
         return [torch.cat(ts) for ts in zip(*out)]
 
-    def _clipped(self, layer: _Layer, a, g, b: int, kept: list | None, pullback, rescued: dict):
-        """sum_i c_i g_i: an einsum over the kept per-example gradients, or one more
-        weight-gradient product with the output gradients scaled by c_i, leaving out the
-        examples the guard rescued (``rescued``: their indices and explicit gradients, filled
-        in before the call), whose terms come from those gradients."""
-        m = layer.module
+    def _clipped(self, layer: _Layer, a, g, b: int, k: int, kept, pullback, rescued: dict):
+        """sum_i c_i g_i: one product c^T [g_1; ...; g_B] per parameter over the kept
+        per-example gradients, or one more weight-gradient product with the output
+        gradients scaled by c_i, leaving out the examples the guard rescued (``rescued``:
+        their indices and explicit gradients, filled in before the call), whose terms come
+        from those gradients."""
+        rule, m = layer.rule, layer.module
         if kept is not None:
 
             def from_kept(c: torch.Tensor) -> list[torch.Tensor]:
-                out: list[torch.Tensor] = []
-                for s, e, parts in kept:
-                    got = [torch.einsum("b,b...->...", c[s:e], t) for t in parts]
-                    out = [o.add_(t) for o, t in zip(out, got)] if out else got
-                return out
+                return [c @ t.reshape(b, -1) for t in kept]
 
             return from_kept
         has_bias = getattr(m, "bias", None) is not None
-        n, p = a.shape[0], m.weight.shape[0]
 
         def recompute(c: torch.Tensor) -> list[torch.Tensor]:
             idx = rescued.get("idx")
             c_all = c
             if idx is not None:  # exactly zero in the product: their terms are added below
                 c = c.index_fill(0, idx, 0.0)
-            cr = c.repeat_interleave(n // b)
+            cr = c.repeat(k)  # view-major rows: row v * B + i is example i's
             # sum_i c_i G_i^T A_i: scale whichever of A and G is smaller (the bias needs G's)
             scale_a = a.numel() < g.numel() and not has_bias
             a_s = a * cr.view(-1, *[1] * (a.dim() - 1)) if scale_a else a
             gs = g if scale_a else g * cr.view(-1, *[1] * (g.dim() - 1))
-            if layer.kind == "linear":
-                w = torch.einsum("...p,...d->pd", gs, a_s)
-            else:
-                w = torch.nn.grad.conv2d_weight(
-                    a_s, m.weight.shape, gs, m.stride, m.padding, m.dilation, m.groups
-                )
+            w = rule.weight_product(m, a_s, gs)
             out = list(pullback(w)) if pullback is not None else [w]
             if has_bias:
-                per_out = (
-                    gs.reshape(-1, p)
-                    if layer.kind == "linear"
-                    else gs.transpose(0, 1).reshape(p, -1).T
-                )
-                out.append(per_out.sum(0))
+                out.append(rule.bias_sum(m, gs))
             if idx is not None:
                 ci = c_all[idx]
                 out = [
-                    o + torch.einsum("b,b...->...", ci, t) for o, t in zip(out, rescued["parts"])
+                    o + (ci @ t.reshape(ci.numel(), -1)).view(o.shape)
+                    for o, t in zip(out, rescued["parts"])
                 ]
             return out
 
@@ -656,19 +517,13 @@ class GhostEngine(Engine):
             t.numel() * t.element_size() for t in tensors
         )
 
+    # ------------------------------------------------------------------ affine norms
+
     @staticmethod
     def _norm_layer(layer: _Layer, a: torch.Tensor, g: torch.Tensor, b: int, k: int):
-        """Affine parameters of GroupNorm / public BatchNorm: explicit per-example grads."""
-        m = layer.module
-        if layer.kind == "gn":
-            xhat = F.group_norm(a, m.num_groups, eps=m.eps)
-        else:
-            shape = (1, -1, 1, 1)
-            xhat = (a - m.public_mean.view(shape)) / torch.sqrt(m.public_var.view(shape) + m.eps)
-        dims = tuple(range(2, a.dim()))
-        gamma = (g * xhat).sum(dims).view(b, k, -1).sum(1)  # (b, C)
-        beta = g.sum(dims).view(b, k, -1).sum(1)
-        parts = [gamma, beta]  # module parameter order: weight, bias
+        """Affine parameters of GroupNorm / public BatchNorm: explicit per-example grads,
+        one (B, C) tensor per parameter; norms and clipped sum from those tensors."""
+        parts = layer.rule.per_example(layer.module, a, g, k)
         sq = [t.pow(2).sum(1) for t in parts]
 
         def clipped(c: torch.Tensor) -> list[torch.Tensor]:
@@ -693,7 +548,7 @@ class GhostEngine(Engine):
             layer.a = None  # from here on only what the clipped sum needs is kept
             layer.guarded = 0
             with torch.autocast(a.device.type, enabled=False), full_fp32_products():
-                if layer.kind in ("conv", "wsconv", "linear"):
+                if layer.rule.matmul:
                     sq, fin, guard = self._matmul_layer(layer, a, g, b, k)
                     if guard is not None:
                         guards.append((layer, *guard))
@@ -718,16 +573,19 @@ class GhostEngine(Engine):
             return hook
 
         self.memory = {}  # bytes, this call (the memory ledger)
+        self._bound = None
         for layer in self.layers:
             layer.a, layer.calls = None, 0
         handles = [layer.module.register_forward_hook(forward_hook(layer)) for layer in self.layers]
         self.sum_dtype = self.params[0].dtype  # the parameters' precision, never lower
-        xin = x.reshape(b * k, *x.shape[2:]).detach().requires_grad_(True)
+        # view-major: row v * B + i is view v of example i (every layer acts per row)
+        xin = x.transpose(0, 1).reshape(b * k, *x.shape[2:]).detach().requires_grad_(True)
         try:
             logits = self.model(xin)
         finally:
             for h in handles:
                 h.remove()
+        logits = logits.view(k, b, -1).transpose(0, 1).reshape(b * k, -1)  # example-major
         loss, correct = view_averaged_loss(logits, y, k)
         total = loss.sum()
         # The gradient w.r.t. the input runs the backward pass through every layer (and
