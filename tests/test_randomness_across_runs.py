@@ -362,6 +362,8 @@ def test_seed_key_creation_is_race_free(tmp_path, monkeypatch):
 
 def test_noise_tail_delta_is_in_privacy_json(tiny_cfg, digits8):
     tr = _trainer(tiny_cfg, digits8)
+    assert not tr.run_dir.privacy.exists()  # setting a run up writes nothing
+    tr.open()  # the run directory opens (run() and the first step do it)
     p = json.loads(tr.run_dir.privacy.read_text())
     assert 0 < p["noise_tail_delta"] < 1e-12
     assert math.isfinite(p["noise_tail_delta"]) and "grid" in p

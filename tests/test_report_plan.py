@@ -253,3 +253,32 @@ def test_the_report_and_status_give_the_privacy_of_the_whole_grid(tmp_path):
     )
     assert res.returncode == 0, res.stderr
     assert "privacy of the whole grid:" in res.stdout and "analysis plan: fixed" in res.stdout
+
+
+def test_equivalence_of_primary_tests_is_corrected_like_their_difference():
+    """The plan's Holm covers the TOSTs of the primary family too: "equivalent" is a claim,
+    and a per-test TOST at alpha over 5 tests would let one in ~4 false claims through.
+    Hand-worked: TOST p 0.006, 0.018, 0.019, 0.022, 0.27 -> Holm 0.03, 0.072, 0.072,
+    0.072, 0.27: only the first is equivalent; an exploratory test keeps its raw TOST."""
+    import pandas as pd
+
+    from scalemix.report.plan import multiplicity
+
+    rp = ReportPlan(primary="groups", paired="scalenorm", sesoi=1.0, correction="holm")
+    model = pd.DataFrame(
+        {
+            "axes": [("groups",), ("scalenorm",), ("groups", "scalenorm"), ("lr",)],
+            "primary": [True, True, True, False],
+            "df1": [1, 1, 1, 1],
+            "p": [0.015, 0.052, 0.61, 0.5],
+            "p_gg": [float("nan")] * 4,
+            "p_lb": [float("nan")] * 4,
+            "p_tost": [0.27, 0.006, 0.018, 0.01],
+        }
+    )
+    comp = pd.DataFrame({"p_t": [0.038, 0.27], "p_tost": [0.019, 0.022]})
+    multiplicity(rp, model, comp, pd.DataFrame())
+    assert model.p_tost_adj.iloc[:3].tolist() == pytest.approx([0.27, 0.03, 0.072])
+    assert comp.p_tost_adj.tolist() == pytest.approx([0.072, 0.072])
+    assert model.verdict.tolist() == ["inconclusive", "equivalent", "inconclusive", "equivalent"]
+    assert comp.verdict.tolist() == ["inconclusive", "inconclusive"]

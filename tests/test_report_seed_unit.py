@@ -226,7 +226,7 @@ def test_equivalence_reads_a_null_result_and_inconclusive_is_said():
         text = " ".join(an.findings).lower()
         assert "no effect" not in text and "no detectable" not in text
     assert "within ±1 point of zero" in " ".join(tight.findings)
-    assert "is inconclusive: not significant" in " ".join(noisy.findings)
+    assert "is inconclusive: not significant (a primary test: after the plan" in " ".join(noisy.findings)
 
 
 def test_gatekeeping_tests_a_family_only_after_the_one_before_it():

@@ -235,8 +235,9 @@ def grid_privacy(releases: list[Release]) -> GridPrivacy:
     seeds = len(by_seed)
     own = len(private) - sum(len(g) for g in by_seed.values())
     text = (
-        f"Everything published ({len(private)} private run(s)) is ({eps:.3g}, "
-        f"{delta:.3g})-DP together ({accountant.upper()} accountant): "
+        f"The models and test metrics of the {len(private)} private run(s) are ({eps:.3g}, "
+        f"{delta:.3g})-DP together ({accountant.upper()} accountant; not the fields each "
+        "run's privacy.json lists as computed without noise): "
     )
     parts = []
     if seeds:
@@ -258,7 +259,10 @@ def grid_privacy(releases: list[Release]) -> GridPrivacy:
     tail = _tail_delta(private, eps)
     if tail > 0:
         text += f" The noise's cut tails add at most {tail:.2g} to delta" + (
-            " (a vacuous bound at this epsilon)." if tail >= 1e-3 else "."
+            " (a vacuous bound at this epsilon: the joint guarantee holds for exact Gaussian "
+            "noise, and at an epsilon this large it is no meaningful protection anyway)."
+            if tail >= 1e-3
+            else "."
         )
     public = [r for r in private if r.public_examples]
     if public:

@@ -347,7 +347,7 @@ def differences_page(pdf, an: Analysis) -> None:
     ax.set_xlabel("difference b - a (accuracy points), matched on seed", fontsize=9)
     fig.suptitle(
         "Paired differences (matched on seed): mean with the 95 % paired-t CI over seeds\n"
-        "(the t test's own interval); colour: the verdict under the analysis plan",
+        "(uncorrected); colour: the verdict under the plan (corrected p and TOST)",
         fontsize=10,
     )
     ax.grid(alpha=0.3, axis="x")

@@ -71,6 +71,21 @@ def p_adjusted(r) -> str:
     return f"adjusted p = {pv(r.get('p_adj'))} ({adj})"
 
 
+def tost_p(r) -> str:
+    """ "TOST p = 0.019 uncorrected, adjusted 0.056 (Holm over 5 primary tests)": a
+    primary test's equivalence is corrected like its difference."""
+    text = p_uncorrected(r.get("p_tost"), "TOST p")
+    adj = str(r.get("adj", ""))
+    pt_adj = r.get("p_tost_adj")
+    if (
+        isinstance(pt_adj, float)
+        and not math.isnan(pt_adj)
+        and not adj.startswith(("exploratory", "not tested"))
+    ):
+        text += f", adjusted {pv(pt_adj)} ({adj})"
+    return text
+
+
 def count(v) -> str:
     """A number of seeds ("> 10^7" when beyond the search)."""
     return "> 10^7" if v is None else f"{v:,}"
@@ -93,10 +108,13 @@ def verdict_words(verdict: str, rp: ReportPlan) -> str:
     if verdict == "equivalent":
         return f"is within ±{points(rp.sesoi)} of zero (equivalence shown by TOST)"
     if verdict == "inconclusive":
-        return "is inconclusive: not significant, and " + (
-            f"not shown by TOST to be within ±{points(rp.sesoi)} of zero"
-            if rp.sesoi
-            else "the plan sets no smallest effect of interest to test equivalence against"
+        return (
+            "is inconclusive: not significant (a primary test: after the plan's correction), and "
+            + (
+                f"not shown by TOST to be within ±{points(rp.sesoi)} of zero"
+                if rp.sesoi
+                else "the plan sets no smallest effect of interest to test equivalence against"
+            )
         )
     return {
         "effect": "has an effect",
@@ -234,11 +252,7 @@ def _simple_effects(an: Analysis) -> list[str]:
             text += (
                 f"{verdict_words(top.verdict, rp)} ({p_uncorrected(top.p_t)}, "
                 f"{p_adjusted(top)}"
-                + (
-                    f"; {p_uncorrected(top.p_tost, 'TOST p')} against ±{points(rp.sesoi)}"
-                    if rp.sesoi
-                    else ""
-                )
+                + (f"; {tost_p(top)} against ±{points(rp.sesoi)}" if rp.sesoi else "")
                 + ")."
             )
         out.append(text)
@@ -264,8 +278,7 @@ def _omnibus(an: Analysis) -> list[str]:
             f"{', ' + at if at else ''}), accuracy {verdict_words(r.verdict, rp)} "
             f"({r.test}, {p_uncorrected(r.p)}, {p_adjusted(r)}"
             + (
-                f"; every pair of levels within ±{points(rp.sesoi)}: "
-                f"{p_uncorrected(r.p_tost, 'TOST p')}"
+                f"; every pair of levels within ±{points(rp.sesoi)}: {tost_p(r)}"
                 if rp.sesoi
                 else ""
             )
@@ -395,7 +408,7 @@ def term_finding(an: Analysis, r) -> str:
         crit += f", an effect of at least {100 * r.critical_effect * scale:.1f} points"
     parts.append(crit)
     if rp.sesoi and not math.isnan(r.p_tost):
-        parts.append(f"equivalence within ±{points(rp.sesoi)}: {p_uncorrected(r.p_tost, 'TOST p')}")
+        parts.append(f"equivalence within ±{points(rp.sesoi)}: {tost_p(r)}")
     return text + " (" + "; ".join(parts) + ")."
 
 

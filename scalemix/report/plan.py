@@ -180,9 +180,18 @@ def multiplicity(
                 for i, p in enumerate(f[cols[k]])
             ]
     m_all = int(sum(np.isfinite(p) for *_, p in entries))
+    # The equivalence tests of the primary family are corrected like the tests of
+    # difference: "equivalent" is a claim too, and the plan's alpha holds for the family.
+    tost_raw = {
+        (k, i): float(frames[k]["p_tost"].iloc[i]) if "p_tost" in frames[k] else math.nan
+        for k, i, *_ in entries
+    }
+    tost_adj = {k: [math.nan] * len(f) for k, f in frames.items()}
     if rp.correction == "holm":
         for (k, i, _, _), pa in zip(entries, st.holm([p for *_, p in entries])):
             out[k][0][i], out[k][1][i] = pa, f"Holm over {m_all} primary tests"
+        for (k, i, *_), pt in zip(entries, st.holm([tost_raw[(k, i)] for k, i, *_ in entries])):
+            tost_adj[k][i] = pt
         sizes = {"all primary tests": m_all}
     else:
         gate_open, sizes = True, {}
@@ -192,6 +201,8 @@ def multiplicity(
             if not part:
                 continue
             adj = st.holm([p for *_, p in part])
+            for (k, i, *_), pt in zip(part, st.holm([tost_raw[(k, i)] for k, i, *_ in part])):
+                tost_adj[k][i] = pt
             m = int(sum(np.isfinite(p) for *_, p in part))
             for (k, i, _, _), pa in zip(part, adj):
                 out[k][0][i] = pa if gate_open else math.nan
@@ -210,9 +221,15 @@ def multiplicity(
             continue
         f["p_adj"], f["adj"], f["tested"] = out[k]
         tost = f["p_tost"] if "p_tost" in f else [math.nan] * len(f)
+        f["p_tost_adj"] = tost_adj[k]
+        # primary tests: equivalence by the adjusted TOST p; exploratory: uncorrected
+        tost_used = [
+            pt_raw if str(ad).startswith("exploratory") else pt_adj
+            for pt_raw, pt_adj, ad in zip(tost, f.p_tost_adj, f.adj)
+        ]
         f["verdict"] = [
             verdict(pa, pr, pt, te, ad, rp)
-            for pa, pr, pt, te, ad in zip(f.p_adj, f[cols[k]], tost, f.tested, f.adj)
+            for pa, pr, pt, te, ad in zip(f.p_adj, f[cols[k]], tost_used, f.tested, f.adj)
         ]
     return sizes
 

@@ -181,6 +181,8 @@ def _comparisons_table(an: Analysis) -> pd.DataFrame:
     out["p (t), adjusted (correction)"] = [adj_short(a, p) for a, p in zip(comp.adj, comp.p_adj)]
     if an.plan.sesoi:
         out[f"TOST p (±{an.plan.sesoi:g} pts), uncorrected"] = comp.p_tost.map(p_value)
+        if "p_tost_adj" in comp:
+            out["TOST p, adjusted"] = comp.p_tost_adj.map(p_value)
     out["verdict"] = comp.verdict
     if (comp.n >= 6).any():  # below 6 pairs the signed-rank test cannot reach 0.05
         out[WILCOXON_COLUMN] = [p_value(p, n) for p, n in zip(comp.p_wilcoxon_holm, comp.n)]
