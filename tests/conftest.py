@@ -76,3 +76,12 @@ def tiny_cfg(tmp_path):
         sigma=1.0,
         noise="seeded",  # reproducible: resume and replay tests compare runs bit for bit
     )
+
+
+def pytest_runtest_setup(item):
+    """Name a slow test before it runs, so that a quiet run (-q) that sits on one dot for a
+    minute says what it is doing."""
+    if item.get_closest_marker("slow"):
+        reporter = item.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None and reporter.verbosity <= 0:
+            reporter.write_line(f"  (slow) {item.nodeid}")

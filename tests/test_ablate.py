@@ -96,6 +96,7 @@ def test_cell_hash_is_of_the_resolved_configuration():
     assert cell_hash(a) != cell_hash(a.replace(seed=1))
 
 
+@pytest.mark.slow
 def test_grid_runs_isolates_failures_and_never_reruns(tmp_path):
     # the "bad" cell fails when its trainer starts: its public images have the wrong shape
     np.save(tmp_path / "wrong-shape.npy", np.zeros((16, 3, 8, 8), dtype=np.uint8))
@@ -139,6 +140,7 @@ def test_lock_keeps_two_workers_off_one_cell(tmp_path):
     assert run_cell(str(out), cid) == "done"
 
 
+@pytest.mark.slow
 def test_kill_9_then_rerun_finishes_with_nothing_lost_or_repeated(tmp_path):
     grid_file = _grid(tmp_path, "groups = [4, 8]", epochs=0.4)
     out = tmp_path / "grid"
@@ -196,6 +198,7 @@ def test_kill_9_then_rerun_finishes_with_nothing_lost_or_repeated(tmp_path):
     assert steps == list(range(1, len(steps) + 1))  # every step exactly once
 
 
+@pytest.mark.slow
 def test_submitit_executor_runs_the_same_cells(tmp_path, monkeypatch):
     pytest.importorskip("submitit")
     monkeypatch.setenv("SCALEMIX_SUBMITIT_CLUSTER", "local")
@@ -208,6 +211,7 @@ def test_submitit_executor_runs_the_same_cells(tmp_path, monkeypatch):
     assert all(len(gd.attempts(r["id"])) == 1 for r in gd.table())
 
 
+@pytest.mark.slow
 def test_cli_dry_run_status_json_and_errors(tmp_path, cli):
     runner = CliRunner()
     grid_file = _grid(tmp_path, "groups = [4, 8]")
@@ -231,6 +235,7 @@ def test_cli_dry_run_status_json_and_errors(tmp_path, cli):
     assert bad.code == 2 and "unknown grid" in bad.err
 
 
+@pytest.mark.slow
 def test_wandb_cells_are_runs_in_the_grid_group(tmp_path, monkeypatch):
     from scalemix.tracking import WandbSettings
     from scalemix.tracking.wandb_file import find_run_files, read_offline_run
@@ -247,6 +252,7 @@ def test_wandb_cells_are_runs_in_the_grid_group(tmp_path, monkeypatch):
     assert run["config"]["axes"] == {"groups": 8} and run["config"]["cell"] == cid
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_the_grid_prints_the_resume_command_and_loses_nothing(tmp_path):
     """SIGINT to the whole process group (what a terminal's Ctrl-C sends) while the first
     cell trains and three are pending: the command ends within 15 s with exit 130, starts

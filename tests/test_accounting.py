@@ -73,6 +73,7 @@ def test_calibrated_sigma_spends_at_most_target(target):
     assert _pld(s, q, steps) <= target
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("q", "steps"), USER)
 @pytest.mark.parametrize("target", [1.0, 8.0])
 def test_sigma_for_user_settings_is_tight_and_safe(q, steps, target):
@@ -133,6 +134,7 @@ HISTORIES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("history", HISTORIES)
 def test_accountants_match_opacus(history):
     """The port computes what Opacus's accountants do: RDP exactly; PRV on a domain widened

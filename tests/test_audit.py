@@ -152,6 +152,7 @@ def test_broken_mechanism_raises_the_alarm(tiny_cfg, digits8, tmp_path, monkeypa
 SEEDS = 20
 
 
+@pytest.mark.slow
 def test_correct_runs_are_never_accused_and_known_batches_leak_more(
     tiny_cfg, digits8, tmp_path, record_property
 ):

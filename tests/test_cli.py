@@ -70,6 +70,7 @@ BAD = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("args", "needle"), BAD, ids=[" ".join(a) for a, _ in BAD])
 def test_bad_input_one_line_exit_2(args, needle, tmp_path):
     out = tmp_path / "run"
@@ -106,6 +107,7 @@ def test_models_lists_every_architecture():
     assert 2.40e6 < r9["num_params"] < 2.50e6
 
 
+@pytest.mark.slow
 def test_train_end_to_end(tmp_path):
     out = tmp_path / "run"
     r = scalemix(
@@ -161,6 +163,7 @@ def test_train_end_to_end(tmp_path):
     assert json.loads(r.stdout.strip().splitlines()[-1])["status"] == "done"
 
 
+@pytest.mark.slow
 def test_non_private_run_reports_no_epsilon(tmp_path):
     out = tmp_path / "np"
     r = scalemix(
@@ -186,6 +189,7 @@ def test_non_private_run_reports_no_epsilon(tmp_path):
     assert result["private"] is False and result["epsilon"] is None and result["sigma"] == 0.0
 
 
+@pytest.mark.slow
 def test_config_round_trip_reproduces_a_finished_seeded_run_bit_for_bit(tmp_path):
     import torch
 

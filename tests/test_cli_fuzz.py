@@ -52,6 +52,7 @@ image_size = 8
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("field", "value"), CASES, ids=[f"{f}={v}" for f, v in CASES])
 def test_malformed_value_is_refused_everywhere(field, value, tmp_path, capsys):
     out = tmp_path / "run"

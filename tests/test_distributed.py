@@ -165,6 +165,7 @@ def _final_model(out: Path) -> dict:
     return torch.load(out / "model.pt", weights_only=False)["model"]
 
 
+@pytest.mark.slow
 def test_two_rank_training_run_survives_sigkill_and_resumes_bit_identical(tmp_path):
     full = _train(tmp_path / "full")
     assert full.returncode == 0, full.stderr
@@ -220,6 +221,7 @@ def test_two_rank_training_run_survives_sigkill_and_resumes_bit_identical(tmp_pa
         assert again["epsilon"] > result["epsilon"]
 
 
+@pytest.mark.slow
 def test_ranks_refuse_what_needs_one_process(tmp_path):
     r = _train(tmp_path / "audit", "--audit-canaries", "100")
     assert r.returncode != 0 and "needs one process" in r.stderr
@@ -231,6 +233,7 @@ def test_ranks_refuse_what_needs_one_process(tmp_path):
     assert r.returncode == 2 and "give 2 or more ranks" in r.stderr
 
 
+@pytest.mark.slow
 def test_submitit_runs_a_cell_as_a_two_task_data_parallel_job(tmp_path, monkeypatch):
     """--gpus-per-cell 2 through submitit's local executor: two tasks, one gloo group,
     rank 0 writes the cell; rank 1 keeps its logs under ranks/1."""

@@ -45,6 +45,7 @@ def test_bench_dp_step_json(cli):
     assert res["engines"]["nonprivate"]["ratio"] == 1.0
 
 
+@pytest.mark.slow
 def test_bench_dp_step_memory_probe(cli):
     r = cli(
         "bench",
@@ -80,6 +81,7 @@ def test_bench_unknown_engine_is_usage_error(cli):
     assert r.code == 2 and "unknown engine" in r.err and "Traceback" not in r.err
 
 
+@pytest.mark.slow
 def test_bench_train_against_opacus_recipe_on_digits(cli):
     r = cli(
         "bench",

@@ -15,6 +15,7 @@ from scalemix.privacy.mechanism import noisy_mean
 from tests.test_per_example_grads import CASES, _ids
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("variant", "k"), CASES, ids=[f"{_ids(v)}-K{k}" for v, k in CASES])
 def test_fast_engine_matches_reference(variant, k):
     name, axes = variant

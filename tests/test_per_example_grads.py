@@ -50,6 +50,7 @@ def reference_grads(model, x, y):
 CASES = [(v, k) for v in VARIANTS for k in ((1,) if v[0] in ("resnet18", "resnet50") else (1, 3))]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("variant", "k"), CASES, ids=[f"{_ids(v)}-K{k}" for v, k in CASES])
 def test_vmap_per_example_grads_match_loop(variant, k):
     name, axes = variant

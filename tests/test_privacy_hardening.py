@@ -235,6 +235,7 @@ def _consistent(ckpt: dict) -> None:
     assert opt_steps <= {ckpt["step"]}
 
 
+@pytest.mark.slow
 def test_a_signal_at_any_line_of_a_step_leaves_a_consistent_checkpoint(tiny_cfg, digits8, tmp_path):
     """SIGINT delivered at every line of ``train_step`` during step 2: the checkpoint agrees
     with itself (model, optimiser, schedule, EMA, ledger), and resuming it ends bit for bit

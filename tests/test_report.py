@@ -62,6 +62,7 @@ def test_no_effect_no_finding_and_few_seeds_are_flagged(tmp_path):
     assert an.cells.failed.sum() == 1  # counted in its cell, not dropped
 
 
+@pytest.mark.slow
 def test_report_files_and_pdf_pages(tmp_path):
     root = make_grid_dir(tmp_path, effect=0.02, seeds=4)
     pdf = build_report(root, log=lambda *_: None)
@@ -92,6 +93,7 @@ def test_report_files_and_pdf_pages(tmp_path):
         assert len(list(tmp_path.glob("page*.png"))) == pages
 
 
+@pytest.mark.slow
 def test_report_cli_refuses_a_directory_without_finished_runs(tmp_path):
     p = tmp_path / "g.toml"
     p.write_text(GRID.format(effect=0, seeds=[0]))
@@ -207,6 +209,7 @@ def test_planted_interaction_is_found_by_the_grid_model_and_the_findings():
     assert comp.loc[1, "p_adj"] < 0.05 and comp.loc[16, "p_adj"] > 0.05
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("crn", [False, True], ids=["independent", "common-random-numbers"])
 def test_a_null_grid_yields_no_primary_finding_beyond_the_level(crn):
     """400 simulated null grids of 3 seeds, with and without planted common random
@@ -360,6 +363,7 @@ def test_a_configuration_that_is_unstable_across_seeds_is_found_by_brown_forsyth
     assert any("Spread across seeds by scalenorm" in f and "differs" in f for f in an.findings)
 
 
+@pytest.mark.slow
 def test_grids_side_by_side_share_a_configuration(tmp_path):
     """Two grids that repeat a cell: the shared configuration is found, the same seed is
     a reproducibility check (gap 0 for the same computation), the CLI writes the PDF."""

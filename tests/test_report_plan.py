@@ -225,6 +225,7 @@ def test_ablate_prints_one_report_line(tmp_path, monkeypatch):
     assert sum(line.startswith("report:") for line in res.output.splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_the_report_and_status_give_the_privacy_of_the_whole_grid(tmp_path):
     from scalemix.report import build_report
 

@@ -128,6 +128,7 @@ def test_spread_and_scale_correlation_at_the_seed_level():
     assert between.n == 8
 
 
+@pytest.mark.slow
 def test_the_marginal_interval_over_seed_means_covers_on_a_planted_crn_grid():
     """400 grids of 3 seeds x 8 cells whose cells of a seed share a large seed effect
     (common random numbers): the t interval over seed means covers each level's mean

@@ -16,6 +16,7 @@ def _quiet(cfg, data, resume=False, **kw):
     return Trainer(cfg, data=data, resume=resume, progress=False, log=lambda *_: None, **kw)
 
 
+@pytest.mark.slow
 def test_resume_matches_uninterrupted(tiny_cfg, digits8, tmp_path):
     tiny_cfg = tiny_cfg.replace(diag_every=2)
     full_cfg = tiny_cfg.replace(out=str(tmp_path / "full"))
