@@ -265,7 +265,7 @@ def status(
         axes = " ".join(f"{k}={v}" for k, v in r["axes"].items()) + f" seed={r['seed']}"
         res = r["result"] or {}
         if r["status"] == "done":
-            info = f"acc {res.get('test_acc', 0):.4f}  eps {res.get('epsilon') or 0:.3f}"
+            info = f"acc {res.get('test_acc', 0):.4f} (raw), ema {res.get('test_acc_ema') or 0:.4f}  eps {res.get('epsilon') or 0:.3f}"
             if res.get("epsilon_lower_bound") is not None:
                 info += f"  eps_lb {res['epsilon_lower_bound']:.3f}"
             if res.get("privacy_alarm"):

@@ -6,7 +6,7 @@ exit, exceptions included. While active, each forward pass reduces the four tens
 each block to a few scalars **on the device** (no host sync); ``collect()`` fetches them
 all in one transfer.
 
-Per block (the definitions README.md gives under "Diagnostics while training"):
+Per block (the definitions docs/training.md gives under "Diagnostics while training"):
   rms_skip, rms_branch, rms_sum, rms_out; scale_ratio = rms(branch)/rms(skip) and its
   log2; branch_var_share = var(r) / (var(s) + var(r)); cosine(s, r) (flattened per
   example, averaged over examples); the per-channel ratio rms_c(r)/rms_c(s): median and

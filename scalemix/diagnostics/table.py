@@ -61,7 +61,7 @@ def plot_scale_ratio(df: pd.DataFrame, path: str | Path, title: str = "") -> boo
     axes[0].set(
         xlabel="step",
         ylabel="log2 rms(branch) / rms(skip)",
-        title="scale ratio per block (0: branch and skip equal)",
+        title="log2 scale ratio per block (0: branch and skip equal)",
     )
     axes[1].axhline(0.5, color="grey", lw=0.8, ls="--")
     axes[1].set(

@@ -258,12 +258,14 @@ def grid_privacy(releases: list[Release]) -> GridPrivacy:
         text += f" (The runs' own epsilons add up to {run_sum:.3g}.)"
     tail = _tail_delta(private, eps)
     if tail > 0:
-        text += f" The noise's cut tails add at most {tail:.2g} to delta" + (
-            " (a vacuous bound at this epsilon: the joint guarantee holds for exact Gaussian "
-            "noise, and at an epsilon this large it is no meaningful protection anyway)."
-            if tail >= 1e-3
-            else "."
-        )
+        if tail >= 1e-3:
+            text += (
+                " The noise's cut tails: our bound on the delta they add is vacuous at this "
+                "epsilon (a vacuous bound: the joint guarantee holds for exact Gaussian noise, "
+                "and at an epsilon this large it is no meaningful protection anyway)."
+            )
+        else:
+            text += f" The noise's cut tails add at most {tail:.2g} to delta."
     public = [r for r in private if r.public_examples]
     if public:
         text += (

@@ -350,8 +350,9 @@ class RunRandomness:
                 f"{self.seed_key_id}; the runs of one seed SHARE their noise)"
             )
         return (
-            f"seeded (reproducible; sampling keyed by seed key {self.seed_key_id}, noise by "
-            "the seed key and this run's configuration)"
+            f"seeded (sampling keyed by seed key {self.seed_key_id}, shared by the runs of "
+            "a seed; noise by the seed key, this run's configuration and its own nonce: "
+            "reproducible with --noise-nonce, never shared by two runs)"
         )
 
     @property

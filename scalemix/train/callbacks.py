@@ -124,7 +124,7 @@ def clipping_note(clipped: list[tuple[float, float]], clip: float) -> str | None
         f"(median per-example gradient norm {lo:.3g}-{hi:.3g} against C = {clip:g}). Usual "
         "under DP-SGD: each clipped gradient has norm C, and C sets the noise's scale, so "
         "what matters is the direction of the clipped sum (metrics.csv: clip_fraction, "
-        "grad_norm_median; README, 'Diagnostics while training')"
+        "grad_norm_median; docs/training.md, 'Diagnostics while training')"
     )
 
 
