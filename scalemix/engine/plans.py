@@ -5,7 +5,8 @@ ghost norms (two Gram matrices; for a convolution the input's by shifts of its p
 positions' Gram, ~ (Hp Wp)^2 C + T^2 (kh kw + p) per example, or from the unfold,
 ~ T^2 (d + p)) or from the explicit per-example gradient (~ T d p), made either by the
 unfold and a batched product or, for a convolution, by one weight-gradient convolution
-with the examples as groups; see ``GhostEngine._costs`` and ``GhostEngine._plan``. The
+with the examples as groups; see ``rules.LinearRule.costs`` (and ``ConvRule.costs``) and
+``GhostEngine._plan``. Each choice is a ``ways.Way``; the cache stores its text. The
 FLOP formula decides ghost or explicit when it is clear (one side at least ``CLEAR``
 times cheaper); in between, and between the two explicit ways (equal FLOPs), where the
 speed of the batched products, the convolution kernels and the memory traffic on this
