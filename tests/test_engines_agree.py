@@ -383,3 +383,24 @@ def test_chunk_bound_is_the_cache_on_the_cpu_and_a_share_of_free_memory_on_cuda(
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
     assert ghost.chunk_floats(cuda, 4) == ghost.CHUNK_FLOATS
+
+
+def test_dp_step_benchmark_measures_k_views_against_non_private_at_the_same_k():
+    """`scalemix bench dp-step --aug-mult K`: the DP engines take (B, K, ...) batches, the
+    non-private baseline the mean over the same B*K views; Opacus (no views) is refused."""
+    from scalemix.bench.dp_step import run_bench
+    from scalemix.errors import ConfigError
+
+    res = run_bench(
+        ["nonprivate", "scalemix"],
+        "resnet9_tiny",
+        2,
+        repeats=1,
+        warmup=0,
+        memory=False,
+        aug_mult=3,
+    )
+    assert res["aug_mult"] == 3 and res["engines"]["scalemix"]["ratio"] > 0
+    assert res["scalemix_plan"] and all(": " in line for line in res["scalemix_plan"])
+    with pytest.raises(ConfigError, match="Opacus"):
+        run_bench(["opacus"], "resnet9_tiny", 2, repeats=1, warmup=0, memory=False, aug_mult=2)

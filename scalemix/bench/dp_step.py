@@ -1,7 +1,8 @@
 """``scalemix bench dp-step``: one DP-SGD step per engine, same model, same batch.
 
 Engines (each a complete step: gradients, clipping, noise, optimiser step):
-- ``nonprivate``   plain forward/backward + SGD step (the baseline of every ratio);
+- ``nonprivate``   plain forward/backward over all B*K views + SGD step (the baseline of
+                   every ratio);
 - ``opacus``       Opacus ``PrivacyEngine.make_private`` with per-sample hooks, as a user calls it;
 - ``opacus-ghost`` the same with ``grad_sample_mode="ghost"`` (Opacus's fast gradient clipping);
 - ``vmap``         scalemix's torch.func reference engine;
@@ -9,6 +10,11 @@ Engines (each a complete step: gradients, clipping, noise, optimiser step):
 
 scalemix's engines add the secure noise of a real run (ChaCha20 keystream + Box--Muller,
 ``privacy/randomness.py``); ``noise`` in the result times it alone against torch.randn.
+
+``aug_mult`` K: every example comes with K views (augmentation multiplicity), averaged
+before clipping in the DP engines; the non-private step takes the mean loss over the
+B*K views (the same gradient, unclipped). Opacus has no notion of views (it would clip
+each view as an example), so it is measured at K = 1 only.
 
 Timing: every engine in this process, interleaved round-robin over the repeats so that
 drifts in machine speed hit all engines alike; warm-up steps are excluded; the median is
@@ -46,19 +52,27 @@ ENGINE_NAMES = ("nonprivate", "opacus", "opacus-ghost", "vmap", "scalemix")
 SIGMA, CLIP, LR = 1.0, 1.0, 0.01
 
 
-def _setup(model_name: str, batch: int, device: torch.device, seed: int = 0, resolution: int = 32):
+def _setup(
+    model_name: str,
+    batch: int,
+    device: torch.device,
+    seed: int = 0,
+    resolution: int = 32,
+    aug_mult: int = 1,
+):
+    """The model and a batch: x (B, K, 3, H, W) random views, y (B,)."""
     from scalemix.models import create_model
 
     torch.manual_seed(seed)
     model = create_model(model_name).to(device)
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, 3, resolution, resolution, generator=g).to(device)
+    x = torch.randn(batch, aug_mult, 3, resolution, resolution, generator=g).to(device)
     y = torch.randint(0, 10, (batch,), generator=g).to(device)
     return model, x, y
 
 
 def make_step(engine: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
-    """A closure that runs one complete training step of ``engine``."""
+    """A closure that runs one complete training step of ``engine`` on x (B, K, ...)."""
     import os
 
     from scalemix.engine import make_engine
@@ -66,13 +80,14 @@ def make_step(engine: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
     from scalemix.privacy.mechanism import noisy_mean
 
     model = copy.deepcopy(model)
-    b = x.shape[0]
+    b, k = x.shape[:2]
     if engine == "nonprivate":
         opt = torch.optim.SGD(model.parameters(), lr=LR)
+        views, yk = x.flatten(0, 1), y.repeat_interleave(k)
 
         def step():
             opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
+            F.cross_entropy(model(views), yk).backward()  # mean over B*K views
             opt.step()
 
         return step
@@ -80,10 +95,9 @@ def make_step(engine: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
         e = make_engine(engine, model, CLIP)
         opt = torch.optim.SGD(e.params, lr=LR)
         noise = NoiseSource(SecretStream(os.urandom(32), "noise"))  # as in a secure run
-        xk = x.unsqueeze(1)
 
         def step():
-            r = e(xk, y)
+            r = e(x, y)
             grads = noisy_mean(r.grads, sigma=SIGMA, clip=CLIP, expected_batch_size=b, noise=noise)
             for p, g in zip(e.params, grads):
                 p.grad = g
@@ -95,6 +109,12 @@ def make_step(engine: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
         from opacus import PrivacyEngine
         from torch.utils.data import DataLoader, TensorDataset
 
+        if k != 1:
+            raise ConfigError(
+                f"{engine} has no augmentation multiplicity (it would clip each view as an "
+                "example); measure it at --aug-mult 1, or choose nonprivate, vmap, scalemix"
+            )
+        x = x[:, 0]
         opt = torch.optim.SGD(model.parameters(), lr=LR)
         loader = DataLoader(TensorDataset(x, y), batch_size=b)
         pe = PrivacyEngine()
@@ -146,8 +166,9 @@ def time_engines(
     device: torch.device,
     progress=None,
     profile: bool = False,
-) -> tuple[dict[str, list[float]], dict[str, float], dict[str, int], list[dict]]:
-    model, x, y = _setup(model_name, batch, device)
+    aug_mult: int = 1,
+) -> tuple[dict[str, list[float]], dict[str, float], dict[str, int], list[dict], list[str]]:
+    model, x, y = _setup(model_name, batch, device, aug_mult=aug_mult)
     steps = {e: make_step(e, model, x, y) for e in engines}
     for step in steps.values():
         for _ in range(warmup):
@@ -167,10 +188,17 @@ def time_engines(
     tensor_peaks = {e: tensor_peak_mb(step) for e, step in steps.items()}
     engine = getattr(steps.get("scalemix"), "engine", None)
     ledger = dict(engine.memory) if engine is not None else {}
+    ways = plan_of(engine) if engine is not None else []
     prof = []
     if profile and device.type == "cpu":
         prof = profile_difference(steps, "scalemix" if "scalemix" in steps else engines[-1])
-    return times, tensor_peaks, ledger, prof
+    return times, tensor_peaks, ledger, prof, ways
+
+
+def plan_of(engine) -> list[str]:
+    """The way each weight layer of the fast engine took in its last call, as text."""
+    names = {id(m): n for n, m in engine.model.named_modules()}
+    return [f"{names[id(lay.module)]}: {lay.used}" for lay in engine.layers if lay.used]
 
 
 def profile_difference(steps: dict, engine: str) -> list[dict]:
@@ -211,10 +239,12 @@ def tensor_peak_mb(step) -> float:
     return mem.peak_bytes / 2**20
 
 
-def peak_memory_mb(engine: str, model_name: str, batch: int, device: torch.device) -> float:
+def peak_memory_mb(
+    engine: str, model_name: str, batch: int, device: torch.device, aug_mult: int = 1
+) -> float:
     """The step's peak memory above the model-and-batch baseline (see module docstring)."""
     if device.type == "cuda":
-        model, x, y = _setup(model_name, batch, device)
+        model, x, y = _setup(model_name, batch, device, aug_mult=aug_mult)
         step = make_step(engine, model, x, y)
         step()
         torch.cuda.synchronize()
@@ -224,7 +254,15 @@ def peak_memory_mb(engine: str, model_name: str, batch: int, device: torch.devic
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
     out = subprocess.run(
-        [sys.executable, "-m", "scalemix.bench.dp_step", engine, model_name, str(batch)],
+        [
+            sys.executable,
+            "-m",
+            "scalemix.bench.dp_step",
+            engine,
+            model_name,
+            str(batch),
+            str(aug_mult),
+        ],
         capture_output=True,
         text=True,
         timeout=1800,
@@ -243,7 +281,7 @@ def _status_kb(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _child(engine: str, model_name: str, batch: int) -> None:
+def _child(engine: str, model_name: str, batch: int, aug_mult: int = 1) -> None:
     """Peak resident memory of two steps above the baseline after setup.
 
     Read from this process's own VmHWM (reset through clear_refs after setup): getrusage's
@@ -252,7 +290,7 @@ def _child(engine: str, model_name: str, batch: int) -> None:
     from scalemix.runtime import keep_cpu_memory
 
     keep_cpu_memory()
-    model, x, y = _setup(model_name, batch, torch.device("cpu"))
+    model, x, y = _setup(model_name, batch, torch.device("cpu"), aug_mult=aug_mult)
     step = make_step(engine, model, x, y)
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     base = _status_kb("VmRSS")
@@ -307,6 +345,7 @@ def run_bench(
     memory_runs: int = 3,
     progress=None,
     profile: bool = False,
+    aug_mult: int = 1,
 ) -> dict:
     device = device or torch.device("cpu")
     if device.type == "cpu":
@@ -318,23 +357,32 @@ def run_bench(
         raise ConfigError(
             f"unknown engine(s) {', '.join(unknown)}; choose from {', '.join(ENGINE_NAMES)}"
         )
+    if aug_mult < 1:
+        raise ConfigError(f"--aug-mult must be at least 1 (got {aug_mult})")
+    if aug_mult > 1 and {"opacus", "opacus-ghost"} & set(engines):
+        raise ConfigError(
+            "Opacus has no augmentation multiplicity (it would clip each view as an "
+            "example): with --aug-mult > 1 choose from nonprivate, vmap, scalemix"
+        )
     if "nonprivate" not in engines:
         engines = ["nonprivate", *engines]
-    times, tensor_peaks, ledger, prof = time_engines(
-        engines, model_name, batch, repeats, warmup, device, progress, profile
+    times, tensor_peaks, ledger, prof, ways = time_engines(
+        engines, model_name, batch, repeats, warmup, device, progress, profile, aug_mult
     )
     base = statistics.median(times["nonprivate"])
     runs = {}
     if memory:  # a process's resident peak moves between identical runs: the median of several
         n = 1 if device.type == "cuda" else max(1, memory_runs)
         runs = {
-            e: [peak_memory_mb(e, model_name, batch, device) for _ in range(n)] for e in engines
+            e: [peak_memory_mb(e, model_name, batch, device, aug_mult) for _ in range(n)]
+            for e in engines
         }
     peaks = {e: statistics.median(v) for e, v in runs.items()}
     base_mem = peaks.get("nonprivate")
     result = {
         "model": model_name,
         "batch": batch,
+        "aug_mult": aug_mult,
         "repeats": repeats,
         "device": str(device),
         "threads": torch.get_num_threads(),
@@ -343,6 +391,8 @@ def run_bench(
         "noise": time_noise(model_name, device, repeats),
         # bytes the fast engine held at the end of its backward pass, by what they are
         "scalemix_memory_mb": {k: v / 2**20 for k, v in ledger.items()},
+        # the way each weight layer of the fast engine took (engine/ways.py)
+        "scalemix_plan": ways,
         "profile": prof,
     }
     for e in engines:
@@ -368,4 +418,4 @@ def run_bench(
 
 
 if __name__ == "__main__":  # child process of peak_memory_mb
-    _child(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    _child(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))

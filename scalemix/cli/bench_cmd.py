@@ -18,9 +18,17 @@ app = typer.Typer(
 def dp_step(
     model: str = typer.Option("resnet9", help="Architecture (see 'scalemix models')."),
     batch: int = typer.Option(64, help="Examples per step (one physical batch)."),
+    aug_mult: int = typer.Option(
+        1,
+        "--aug-mult",
+        help="Views per example K (augmentation multiplicity): the DP engines average each "
+        "example's K views before clipping, the non-private step takes the mean over all "
+        "B*K views. Opacus runs at K = 1 only.",
+    ),
     engines: str = typer.Option(
         "nonprivate,opacus,opacus-ghost,vmap,scalemix",
-        help="Comma-separated: nonprivate, opacus, opacus-ghost, vmap, scalemix.",
+        help="Comma-separated: nonprivate, opacus, opacus-ghost, vmap, scalemix (with "
+        "--aug-mult > 1 the default leaves Opacus out).",
     ),
     repeats: int = typer.Option(10, help="Timed steps per engine (after warm-up)."),
     warmup: int = typer.Option(2, help="Untimed warm-up steps per engine."),
@@ -53,9 +61,13 @@ def dp_step(
     from scalemix.errors import ConfigError
     from scalemix.train import resolve_device
 
-    if batch < 1 or repeats < 1 or warmup < 0 or memory_runs < 1:
-        raise ConfigError("--batch, --repeats and --memory-runs must be positive, --warmup >= 0")
+    if batch < 1 or repeats < 1 or warmup < 0 or memory_runs < 1 or aug_mult < 1:
+        raise ConfigError(
+            "--batch, --aug-mult, --repeats and --memory-runs must be positive, --warmup >= 0"
+        )
     names = [e.strip() for e in engines.split(",") if e.strip()]
+    if aug_mult > 1 and engines == "nonprivate,opacus,opacus-ghost,vmap,scalemix":
+        names = [e for e in names if not e.startswith("opacus")]  # the default, without Opacus
     dev = resolve_device(device)
 
     def progress(done, total):
@@ -63,14 +75,15 @@ def dp_step(
             typer.echo(f"  repeat {done}/{total}", err=True)
 
     res = run_bench(
-        names, model, batch, repeats, warmup, dev, memory, memory_runs, progress, profile
+        names, model, batch, repeats, warmup, dev, memory, memory_runs, progress, profile, aug_mult
     )
     res["machine"] = f"{platform.machine()} {platform.processor() or ''}".strip()
     if as_json:
         typer.echo(json.dumps(res))
         return
     typer.echo(
-        f"{model}, batch {batch}, {res['device']}, {res['threads']} threads, median of {repeats}"
+        f"{model}, batch {batch}, K {aug_mult}, {res['device']}, {res['threads']} threads, "
+        f"median of {repeats}"
     )
     typer.echo(
         f"{'engine':<14}{'median ms':>11}{'min-max ms':>15}{'ratio':>8}{'ratio per round':>18}"
@@ -94,6 +107,8 @@ def dp_step(
         "once in a step (exact); process MB: median growth of a fresh process's resident "
         "peak over --memory-runs runs (their range beside it)"
     )
+    if res.get("scalemix_plan"):
+        typer.echo("scalemix engine, each layer's way: " + "; ".join(res["scalemix_plan"]))
     held = res.get("scalemix_memory_mb") or {}
     if held:
         typer.echo(
