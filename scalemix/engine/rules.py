@@ -39,7 +39,8 @@ def register(*types: type[nn.Module]):
         for t in types:
             if t in RULES:
                 raise ValueError(f"a per-example rule for {t.__name__} is registered already")
-            RULES[t] = cls()
+        rule = cls()
+        RULES.update(dict.fromkeys(types, rule))
         return cls
 
     return deco
