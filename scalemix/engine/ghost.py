@@ -229,7 +229,7 @@ def _suspects(
     return ~ok
 
 
-def _by_example(t: torch.Tensor, k: int) -> torch.Tensor:
+def _views(t: torch.Tensor, k: int) -> torch.Tensor:
     """(K B, ...) view-major rows -> the (K, B, ...) view."""
     return t.view(k, t.shape[0] // k, *t.shape[1:])
 
@@ -396,7 +396,7 @@ class GhostEngine(Engine):
         amplify = rule.pullback_bound(m) if guarded and pullback is not None else 1.0
         per_example = self._working(a, k, way, s)
         chunk = max(1, self._chunk_bound(a) // per_example) if per_example else b
-        av, gv = _by_example(a, k), _by_example(g, k)
+        av, gv = _views(a, k), _views(g, k)
         sq_chunks: list[list[torch.Tensor]] = []
         store: list[torch.Tensor] | None = None  # kept per-example gradients, (b, ...) each
         suspects: list[torch.Tensor] = []
@@ -466,7 +466,7 @@ class GhostEngine(Engine):
         product = rule.products[0]
         per_example = s.d * s.p + (a[0].numel() + g[0].numel()) * k  # the gathered rows too
         chunk = max(1, self._chunk_bound(a) // per_example)
-        av, gv = _by_example(a, k), _by_example(g, k)
+        av, gv = _views(a, k), _views(g, k)
         out: list[list[torch.Tensor]] = []
         for s0 in range(0, idx.numel(), chunk):
             sel = idx[s0 : s0 + chunk]
