@@ -233,3 +233,17 @@ def make_grid_dir(
         ]
         pd.DataFrame(rows).to_csv(d / "diagnostics.csv", index=False)
     return gd.root
+
+
+# The plan of the simulated 3 x 2 grid (groups x scalenorm) the report tests analyse.
+SIM_PLAN = {
+    "grid": {
+        "name": "sim",
+        "axes": {"groups": [1, 4, 16], "scalenorm": [False, True]},
+        "report": {
+            "primary": "groups",
+            "paired": "scalenorm",
+            "questions": ["groups", "scalenorm", "groups x scalenorm"],
+        },
+    }
+}

@@ -12,9 +12,8 @@ import pytest
 import torch
 
 import scalemix
+from scalemix.bench.gpu import SYNCING  # the Tensor methods that read a value to the host
 from scalemix.train import Trainer
-
-SYNCING = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__")
 
 
 def _count_syncs(monkeypatch) -> dict:

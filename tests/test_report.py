@@ -18,7 +18,7 @@ from scalemix.report.analysis import analyse, privacy_settings
 from scalemix.report.collect import collect
 from scalemix.train.rundir import write_json_atomic
 
-from .report_helpers import GRID, grid_runs, make_grid_dir, simulated, simulated_crn
+from .report_helpers import GRID, SIM_PLAN, grid_runs, make_grid_dir, simulated, simulated_crn
 from .report_helpers import GRID_N_TEST as N_TEST
 
 
@@ -181,17 +181,7 @@ def test_an_epsilon_axis_is_not_confused_with_the_epsilon_spent(tmp_path):
     build_report(gd.root, log=lambda *_: None)
 
 
-PLAN = {
-    "grid": {
-        "name": "sim",
-        "axes": {"groups": [1, 4, 16], "scalenorm": [False, True]},
-        "report": {
-            "primary": "groups",
-            "paired": "scalenorm",
-            "questions": ["groups", "scalenorm", "groups x scalenorm"],
-        },
-    }
-}
+PLAN = SIM_PLAN
 
 
 def test_planted_interaction_is_found_by_the_grid_model_and_the_findings():

@@ -27,20 +27,9 @@ from scalemix.report.tables import (
     table_notes,
 )
 
-from .report_helpers import quick_plan, quick_runs, simulated
+from .report_helpers import SIM_PLAN, quick_plan, quick_runs, simulated
 
-PLAN = {
-    "grid": {
-        "name": "sim",
-        "axes": {"groups": [1, 4, 16], "scalenorm": [False, True]},
-        "report": {
-            "primary": "groups",
-            "paired": "scalenorm",
-            "questions": ["groups", "scalenorm", "groups x scalenorm"],
-            "sesoi": 1.0,
-        },
-    }
-}
+PLAN = {"grid": {**SIM_PLAN["grid"], "report": {**SIM_PLAN["grid"]["report"], "sesoi": 1.0}}}
 
 
 class Pages:

@@ -43,6 +43,8 @@ NOT_COVERED: dict[str, dict[str, str]] = {
     "printed output and train.log": {
         "step and epoch lines, progress bar": "loss and images/s of private batches, timings",
         "the grid's train.log of each cell": "the same lines, kept beside the cell",
+        "the closing clipping note": "how many steps clipped every example, and the range of "
+        "the steps' median per-example gradient norms (metrics.csv's fields, summarised)",
     },
     "checkpoint.pt": {
         "images_seen": "the sum of every realised batch size |B_t|",

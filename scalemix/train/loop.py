@@ -250,13 +250,6 @@ class Trainer:
             "label, not which steps drew them); epsilon covers the training data as modified"
         )
 
-    def _released_record(self) -> dict:
-        return resume_records.released_record(self)
-
-    def _record_released(self) -> None:
-        """In every step's commit block, before anything of the step leaves the process."""
-        resume_records.record_released(self)
-
     def _canaries(self, kind: str, *, data=None) -> Canaries:
         """The run's canary set: a resumed run keeps the one its checkpoint holds (the coins
         its observations were made with), whatever its streams' keys are now."""
@@ -427,7 +420,7 @@ class Trainer:
             if self.canaries is not None:
                 self.canaries.record(observed)
             self.committed_rng = self.rng_state()
-            self._record_released()  # before any of the step leaves the process
+            resume_records.record_released(self)  # before any of the step leaves the process
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
@@ -573,7 +566,7 @@ class Trainer:
             # recorded, so that a resume can count it and never replay its randomness.
             write_json_atomic(
                 self.run_dir.divergence,
-                {"diverged_at_step": self.step + 1, **self._released_record(), "error": str(e)},
+                {"diverged_at_step": self.step + 1, **resume_records.released_record(self), "error": str(e)},
             )
             return self._end(callbacks, self.result("diverged", str(e)), exit_code=1)
         except (KeyboardInterrupt, Interrupted):
