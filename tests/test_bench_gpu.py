@@ -32,6 +32,10 @@ def test_bench_gpu_runs_tiny_on_the_cpu_and_writes_its_json(cli, tmp_path):
         assert c["dp_host_syncs"] == sum(c["dp_host_syncs_by_source"].values()) >= 1
         assert any("train/loop.py" in k for k in c["dp_host_syncs_by_source"])
     assert rep["profile_top_ops"] and rep["profile_top_ops"][0]["self_ms"] >= 0
+    ks = rep["keystream"]
+    assert ks["normals"] > 10_000 and ks["aug_mult"] == 2
+    for name in ("noise_kernel_ms", "noise_host_ms", "aug_kernel_ms", "aug_host_ms"):
+        assert ks[name] > 0
 
 
 def test_bench_gpu_refuses_the_full_sizes_on_the_cpu(cli, tmp_path):

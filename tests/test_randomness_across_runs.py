@@ -307,11 +307,10 @@ def test_box_muller_reaches_past_the_old_8_57_sigma_cut():
     """A 53-bit uniform stops the radius at sqrt(2 ln 2^53) = 8.57; the 96-bit one at 11.5,
     with the delta that adds bounded far below any delta used."""
 
-    class Zero:  # a keystream of zero bytes: the smallest uniform there is
-        def update(self, b):
-            return bytes(len(b))
+    def zero(first, n):  # a keystream of zero words: the smallest uniform there is
+        return torch.zeros(n, dtype=torch.int64)
 
-    z = next(SecretStream._normal_pieces(Zero(), 1, 2, torch.device("cpu"), torch.float64))
+    z = next(SecretStream._normal_pieces(zero, 1, 2, torch.float64, block=8))
     assert float(z.norm()) == pytest.approx(RADIUS_MAX) and RADIUS_MAX > 11.5
     assert tail_delta(8.0, 10_000, 2_450_000) < 1e-12
     assert tail_delta(8.0, 10_000, 2_450_000) > 0

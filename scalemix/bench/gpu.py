@@ -141,6 +141,40 @@ def count_syncs(tr) -> Counter:
     return counts
 
 
+def time_keystream(
+    device: torch.device, normals: int, examples: int, k: int, reps: int = 3
+) -> dict:
+    """One step's secure randomness, made both ways (privacy/chacha.py): the noise draw
+    (``normals`` Gaussians) and the augmentation words (``examples`` x K views), by the
+    ChaCha20 kernel on ``device`` and by OpenSSL on the host (copied to ``device``);
+    medians in ms, the same bits either way."""
+    from scalemix.privacy.randomness import AugStream, SecretStream
+
+    stream, aug = SecretStream(b"b" * 32, "noise"), AugStream(b"a" * 32)
+    index = torch.randperm(CIFAR_TRAIN)[:examples].to(device)
+    jobs = {
+        "noise": lambda: stream.normal(normals, device),
+        "aug": lambda: aug.words(1, index if SecretStream.on_device(device) else index.cpu(), k),
+    }
+    out = {"normals": normals, "examples": examples, "aug_mult": k}
+    saved = SecretStream.device_kernel
+    try:
+        for where, kernel in (("kernel", True), ("host", False)):
+            SecretStream.device_kernel = kernel
+            for name, job in jobs.items():
+                times = []
+                for _ in range(reps + 1):  # the first is a warm-up
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    job()
+                    _sync(device)
+                    times.append(time.perf_counter() - t0)
+                out[f"{name}_{where}_ms"] = round(statistics.median(times[1:]) * 1e3, 3)
+    finally:
+        SecretStream.device_kernel = saved
+    return out
+
+
 def _profile(tr, top: int = 12) -> list[dict]:
     from torch.profiler import ProfilerActivity, profile
 
@@ -167,7 +201,11 @@ def _run_gpu_tests() -> dict:
         env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
     )
     last = (r.stdout.strip().splitlines() or [""])[-1]
-    return {"exit_code": r.returncode, "summary": last, "seconds": round(time.perf_counter() - t0, 1)}
+    return {
+        "exit_code": r.returncode,
+        "summary": last,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
 
 
 def run_gpu_bench(
@@ -186,9 +224,7 @@ def run_gpu_bench(
         grid = [(k, p, prec) for k in (1, 2) for p in (8,) for prec in ("fp32", "bf16")]
     else:
         model, size, batch, n = "resnet9", 32, 1024, 8192
-        grid = [
-            (k, p, prec) for k in (1, 16) for p in (128, 512) for prec in ("fp32", "bf16")
-        ]
+        grid = [(k, p, prec) for k in (1, 16) for p in (128, 512) for prec in ("fp32", "bf16")]
     report: dict = {"environment": _environment(device), "tiny": tiny, "model": model}
     report["settings"] = {"image_size": size, "batch_size": batch, "steps": steps, "warmup": warmup}
     log(json.dumps(report["environment"]))
@@ -242,6 +278,13 @@ def run_gpu_bench(
             f"CIFAR-10 epoch {epoch_s:.1f} s"
         )
     report["configurations"] = rows
+    from scalemix.models import create_model
+
+    n_params = sum(p.numel() for p in create_model(model, num_classes=10).parameters())
+    report["keystream"] = time_keystream(
+        device, n_params, batch if tiny else 512, 2 if tiny else RECIPE["aug_mult"]
+    )
+    log(f"keystream per step (ms): {report['keystream']}")
     report["projection_note"] = (
         "projected from the per-example time at this K, scaled to K = 16 (the gn_groups "
         "recipe: 50,000 examples, B = 4096, 60 epochs, 42 cells); the tiny CPU run's "

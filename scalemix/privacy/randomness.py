@@ -66,6 +66,7 @@ import torch
 
 from scalemix.choices import NOISE_MODES
 from scalemix.errors import ConfigError
+from scalemix.privacy import chacha
 
 SECRET_STREAMS = ("sampler", "noise")
 KEY_BYTES = 32
@@ -73,6 +74,7 @@ SEED_KEY_ENV = "SCALEMIX_SEED_KEY"
 _SEEDED_CONTEXT = b"scalemix/seeded/v1/"
 _NOISE_CONTEXT = b"scalemix/seeded/v2/noise/"
 NORMAL_BLOCK = 2**15  # Box--Muller pairs computed at once (256 KB of float32 noise)
+DEVICE_NORMAL_BLOCK = 2**20  # the same where the device makes the keystream (few launches)
 PAIR_BYTES = 16  # keystream bytes per Box--Muller pair: 96-bit radius, 32-bit angle
 RADIUS_MAX = math.sqrt(2 * 96 * math.log(2))  # the largest radius a 96-bit uniform gives
 _MASK53 = (1 << 53) - 1
@@ -183,39 +185,82 @@ class SecretStream:
         self._key = hmac.new(key, b"scalemix/stream/" + name.encode(), hashlib.sha256).digest()
         self.draws = 0
 
-    def _keystream(self):
-        """The next draw's keystream (ChaCha20 block counter from 0), read with ``update``."""
-        from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+    # Where the keystream is made (privacy/chacha.py): by OpenSSL on the host for the CPU,
+    # by the torch ChaCha20 kernel on the device for a GPU (no keystream crosses the bus,
+    # nothing waits for the host). The same words either way; tests force the kernel on
+    # the CPU (``device_kernel = True``) to check it; ``SCALEMIX_CHACHA=host`` keeps a GPU
+    # run's keystream on the host (OpenSSL, pinned non-blocking copies), ``device`` forces
+    # the kernel.
+    device_kernel: bool | None = None  # None: $SCALEMIX_CHACHA, else the kernel off the CPU
 
+    @classmethod
+    def on_device(cls, device: torch.device) -> bool:
+        if cls.device_kernel is not None:
+            return cls.device_kernel
+        choice = os.environ.get("SCALEMIX_CHACHA", "auto")
+        if choice not in ("auto", "host", "device"):
+            raise ConfigError(f"SCALEMIX_CHACHA={choice!r}: use auto (the default), host or device")
+        return choice == "device" or (choice == "auto" and device.type != "cpu")
+
+    @classmethod
+    def source(cls, device: torch.device) -> str:
+        """Where a run on ``device`` makes its keystream (config.json records it)."""
+        if cls.on_device(device):
+            return f"ChaCha20 kernel on {device.type} (privacy/chacha.py)"
+        return "ChaCha20 on the host (OpenSSL)"
+
+    def _draw(self, device: torch.device):
+        """The next draw: a reader ``(first_word, n_words) -> int64 words in [0, 2^32)`` on
+        ``device``, read in order from word 0 (ChaCha20 block counter from 0)."""
         # cryptography's 16-byte ChaCha20 nonce: 4-byte block counter || 12-byte nonce.
         nonce = (0).to_bytes(4, "little") + self.draws.to_bytes(12, "little")
         self.draws += 1
-        return Cipher(algorithms.ChaCha20(self._key, nonce), mode=None).encryptor()
+        if self.on_device(device):
+            return lambda first, n: chacha.torch_keystream_words(self._key, nonce, first, n, device)
+        from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+        enc = Cipher(algorithms.ChaCha20(self._key, nonce), mode=None).encryptor()
+        read = [0]
+
+        def words(first: int, n: int) -> torch.Tensor:
+            assert first == read[0], "an OpenSSL draw is read in order"
+            read[0] += n
+            raw = self._to_tensor(enc.update(bytes(4 * n)), device)
+            return raw.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+
+        return words
 
     def random_bytes(self, n: int) -> bytes:
-        """The next draw: ``n`` bytes of keystream."""
-        return self._keystream().update(bytes(n))
+        """The next draw: ``n`` bytes of keystream (on the host)."""
+        from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+        nonce = (0).to_bytes(4, "little") + self.draws.to_bytes(12, "little")
+        self.draws += 1
+        return Cipher(algorithms.ChaCha20(self._key, nonce), mode=None).encryptor().update(bytes(n))
 
     @staticmethod
     def _to_tensor(raw: bytes, device: torch.device) -> torch.Tensor:
-        """Keystream bytes on the device. To a GPU through pinned memory without blocking:
-        the host makes the next piece while the device works on this one (the caching
-        host allocator keeps the pinned buffer alive until its copy is done)."""
-        t = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+        """Host keystream bytes on the device (pinned and non-blocking to a GPU; used when
+        the kernel is switched off there)."""
+        t = (
+            torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+            if raw
+            else torch.zeros(0, dtype=torch.uint8)
+        )
         if device.type == "cuda":
             return t.pin_memory().to(device, non_blocking=True)
         return t.to(device)
 
-    def _raw(self, nbytes: int, device: torch.device) -> torch.Tensor:
-        return self._to_tensor(self.random_bytes(nbytes), device)
-
     def uniform(self, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
-        """``n`` float64 uniforms in [0, 1) with 53 random bits each (one draw)."""
+        """``n`` float64 uniforms in [0, 1) with 53 random bits each (one draw): the top 53
+        bits of each little-endian 64-bit keystream word pair."""
+        device = torch.device(device)
+        read = self._draw(device)
         if n == 0:
-            self.draws += 1
             return torch.zeros(0, dtype=torch.float64, device=device)
-        bits = self._raw(8 * n, torch.device(device)).view(torch.int64)
-        return ((bits >> 11) & _MASK53).to(torch.float64).mul_(2.0**-53)
+        w = read(0, 2 * n).view(n, 2)
+        bits = (w[:, 1] << 21) | (w[:, 0] >> 11)
+        return bits.to(torch.float64).mul_(2.0**-53)
 
     def normal(
         self, n: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
@@ -230,31 +275,32 @@ class SecretStream:
         self, n: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
     ):
         """The ``n`` normals of one draw, in consecutive pieces of ``NORMAL_BLOCK`` pairs
-        (the draw is taken now; the pieces are made as they are read). The pieces of a
-        draw are the same whoever reads them, ``normal`` included: a model's worth of
-        noise never needs more than one piece's working memory."""
+        (``DEVICE_NORMAL_BLOCK`` where the device makes the keystream; the draw is taken
+        now; the pieces are made as they are read). Every normal depends on its own pair's
+        keystream only, so the draw is the same whoever reads it, in whatever pieces,
+        ``normal`` included: a model's worth of noise never needs more than one piece's
+        working memory."""
         device = torch.device(device)
-        stream = self._keystream()
-        return self._normal_pieces(stream, (n + 1) // 2, n, device, dtype)
+        block = DEVICE_NORMAL_BLOCK if self.on_device(device) else NORMAL_BLOCK
+        return self._normal_pieces(self._draw(device), (n + 1) // 2, n, dtype, block)
 
-    @classmethod
-    def _normal_pieces(cls, stream, half: int, n: int, device, dtype):
+    @staticmethod
+    def _normal_pieces(read, half: int, n: int, dtype, block: int):
         # 16 bytes per pair, pair by pair, so the first k normals of a draw do not depend
         # on how many follow (a run with an audit vector appended keeps the model's noise).
         math_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-        for start in range(0, half, NORMAL_BLOCK):
-            pairs = min(NORMAL_BLOCK, half - start)
+        for start in range(0, half, block):
+            pairs = min(block, half - start)
             # four little-endian 32-bit words a pair: the radius's 96 bits (low, high,
-            # extension) and the angle's 32; read as words, never as strided bytes
-            words = cls._to_tensor(stream.update(bytes(PAIR_BYTES * pairs)), device)
-            words = words.view(torch.int32).view(pairs, 4)
-            low, high, ext = (words[:, i].to(torch.int64) & 0xFFFFFFFF for i in range(3))
+            # extension) and the angle's 32 (read as a signed word)
+            words = read(4 * start, 4 * pairs).view(pairs, 4)
+            low, high, ext, a_bits = words.unbind(1)
             # u1 = (hi64 + (ext + 1) / 2^32) / 2^64 in (0, 1]: float64 keeps the small values
             # exactly, so the radius reaches sqrt(2 ln 2^96) = 11.5 (see RADIUS_MAX)
             u1 = (high.to(torch.float64) * 2.0**32).add_(low.to(torch.float64))
             u1.add_(ext.to(torch.float64).add_(1.0).mul_(2.0**-32)).mul_(2.0**-64)
             u1.clamp_(max=1.0)
-            a_bits = words[:, 3]
+            a_bits = a_bits - ((a_bits >> 31) << 32)  # the word as a signed 32-bit integer
             # The radius carries the tails: float64 log of the 96-bit uniform; the angle
             # needs only the output precision.
             radius = u1.log_().mul_(-2.0).sqrt_().to(math_dtype)
@@ -452,11 +498,16 @@ class AugStream:
 
     def words(self, step: int, index: torch.Tensor, k: int) -> torch.Tensor:
         """(B, K, 3) uniform 32-bit words (as int64 in [0, 2^32)) for the examples ``index``
-        at ``step``."""
+        at ``step``, on ``index``'s device: there by the ChaCha20 kernel, all examples in
+        one pass, where ``SecretStream.on_device`` says so; else one OpenSSL call each."""
+        n_words = self.WORD_BYTES // 4 * k
+        if SecretStream.on_device(index.device):
+            i = index.to(torch.int64)
+            tails = torch.stack([torch.full_like(i, int(step)), i & 0xFFFFFFFF, i >> 32], dim=1)
+            return chacha.per_row_words(self._key, tails, n_words).reshape(len(index), k, 3)
         from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
-        n = self.WORD_BYTES * k
-        zeros = bytes(n)
+        zeros = bytes(4 * n_words)
         head = (0).to_bytes(4, "little") + int(step).to_bytes(4, "little")
         raw = b"".join(
             Cipher(algorithms.ChaCha20(self._key, head + int(i).to_bytes(8, "little")), mode=None)
@@ -469,11 +520,11 @@ class AugStream:
             if raw
             else torch.zeros(0, dtype=torch.int32)
         )
-        return (w.to(torch.int64) & 0xFFFFFFFF).view(len(index), k, 3)
+        return (w.to(torch.int64) & 0xFFFFFFFF).view(len(index), k, 3).to(index.device)
 
     def views(self, step: int, index: torch.Tensor, k: int, pad: int):
         """Crop offsets ``dy, dx`` in [0, 2 pad] and ``flip`` (bool), each (B * K,), for
         the examples ``index`` at ``step``. Offsets are a 32-bit word modulo 2 pad + 1
         (bias below 2^-28)."""
-        w = self.words(step, index, k).view(-1, 3)
+        w = self.words(step, index, k).reshape(-1, 3)
         return w[:, 0] % (2 * pad + 1), w[:, 1] % (2 * pad + 1), (w[:, 2] & 1).bool()

@@ -36,7 +36,7 @@ from scalemix.models import create_model, refresh_public_stats
 from scalemix.privacy import NoiseSource, PoissonSampler, RunRandomness, ShuffleSampler
 from scalemix.privacy.disclosure import NOT_COVERED
 from scalemix.privacy.mechanism import noisy_mean
-from scalemix.privacy.randomness import tail_delta
+from scalemix.privacy.randomness import SecretStream, tail_delta
 from scalemix.runtime import keep_cpu_memory
 from scalemix.train import checkpoint, outputs
 from scalemix.train import resume as resume_records
@@ -81,6 +81,7 @@ class Trainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.device = resolve_device(cfg.device)
+        SecretStream.on_device(self.device)  # a bad $SCALEMIX_CHACHA stops here, not mid-run
         # Data-parallel ranks (train/distributed.py): rank 0 writes the run directory,
         # rank r > 0 only its logs, under ranks/<r>/.
         self.world = world or World.from_env(self.device)
@@ -302,6 +303,7 @@ class Trainer:
                 "steps_per_epoch": self.steps_per_epoch,
                 "noise": self.rng.label if self.private else None,
                 "randomness": self.rng.describe(),
+                "keystream": SecretStream.source(self.device),
                 "engine": self.engine.name,
                 "device": str(self.device),
                 "world_size": self.world.size,
@@ -322,8 +324,9 @@ class Trainer:
         ):
             x = normalize(self.train_x[chunk], self.mean, self.std)
             views = None
-            if cfg.aug != "none":
-                views = self.rng.aug.views(self.step + 1, chunk_cpu, cfg.aug_mult, AUG_PAD)
+            if cfg.aug != "none":  # made on the device where its ChaCha20 kernel runs
+                src = chunk if SecretStream.on_device(chunk.device) else chunk_cpu
+                views = self.rng.aug.views(self.step + 1, src, cfg.aug_mult, AUG_PAD)
             yield augment(x, cfg.aug_mult, None, cfg.aug, AUG_PAD, views=views), self.train_y[chunk]
 
     def train_step(self) -> dict:
@@ -566,7 +569,11 @@ class Trainer:
             # recorded, so that a resume can count it and never replay its randomness.
             write_json_atomic(
                 self.run_dir.divergence,
-                {"diverged_at_step": self.step + 1, **resume_records.released_record(self), "error": str(e)},
+                {
+                    "diverged_at_step": self.step + 1,
+                    **resume_records.released_record(self),
+                    "error": str(e),
+                },
             )
             return self._end(callbacks, self.result("diverged", str(e)), exit_code=1)
         except (KeyboardInterrupt, Interrupted):
