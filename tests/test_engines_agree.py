@@ -232,6 +232,38 @@ def test_explicit_per_example_gradients_equal_one_example_at_a_time(
             assert torch.allclose(got[i], want, rtol=1e-10, atol=1e-12), product
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("k,groups,channels_last", [(1, 2, False), (3, 4, False), (2, 1, True)])
+def test_group_norm_per_example_gradients_equal_one_example_at_a_time(
+    dtype, k, groups, channels_last
+):
+    """GroupNorm's gamma and beta per example, from torch's fused GroupNorm backward over
+    rows folded into channels, equal torch's gradient of each example alone (K views)."""
+    from scalemix.engine.rules import AffineNormRule
+
+    torch.manual_seed(0)
+    m = torch.nn.GroupNorm(groups, 4).to(dtype)
+    with torch.no_grad():
+        m.weight.add_(torch.randn(4, dtype=dtype))
+        m.bias.add_(torch.randn(4, dtype=dtype))
+    nb = 3
+    a = 3 * torch.randn(k * nb, 4, 5, 5, dtype=dtype) + 1  # view-major: row v * nb + i
+    g = torch.randn(k * nb, 4, 5, 5, dtype=dtype)
+    if channels_last:
+        a, g = (t.to(memory_format=torch.channels_last) for t in (a, g))
+    gamma, beta = AffineNormRule().per_example(m, a, g, k)
+    # the reference in torch's default layout (its CPU GroupNorm backward crashes on
+    # channels_last float64 input, torch 2.13)
+    a, g = a.contiguous(), g.contiguous()
+    for i in range(nb):
+        rows = [v * nb + i for v in range(k)]
+        m.zero_grad()
+        (m(a[rows]) * g[rows]).sum().backward()
+        tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+        assert torch.allclose(gamma[i], m.weight.grad, **tol)
+        assert torch.allclose(beta[i], m.bias.grad, **tol)
+
+
 # ---------------------------------------------------------------------- batched for any K
 
 K16_FORCES = [
