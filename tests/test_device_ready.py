@@ -1,6 +1,6 @@
 """GPU-ready by construction, checked on the CPU: a training step synchronises with the
-host a fixed number of times plus one per physical chunk (the floating-point guard), no
-per-layer sync; every tensor the step makes lives on the run's device. The ``gpu`` tests (skipped
+host once, whatever the number of physical chunks (the floating-point guard's question
+joins the step's read), no per-layer sync; every tensor the step makes lives on the run's device. The ``gpu`` tests (skipped
 without CUDA) compare the CUDA step with the CPU step for the reference ResNet-9."""
 
 from __future__ import annotations
@@ -8,12 +8,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
 import scalemix
 from scalemix.bench.gpu import SYNCING  # the Tensor methods that read a value to the host
-from scalemix.train import Trainer
+from scalemix.engine import ghost
+from scalemix.train import Trainer, loop
 
 
 def _count_syncs(monkeypatch) -> dict:
@@ -57,17 +59,65 @@ def _syncs_per_step(tiny_cfg, tmp_path, physical: int, monkeypatch) -> tuple[int
     return counts["n"], -(-row["batch"] // physical)
 
 
-def test_host_syncs_per_step_grow_only_by_the_guard_per_chunk(tiny_cfg, tmp_path, monkeypatch):
-    """A fixed number of host reads per step, plus exactly one per physical chunk: the fast
-    engine's floating-point guard asks whether any example of the chunk needs its explicit
-    gradient (docs/sharp-edges.md, item 17). No per-layer sync."""
+def test_one_host_sync_per_step_whatever_the_number_of_chunks(tiny_cfg, tmp_path, monkeypatch):
+    """One host read per step, for one physical chunk or eight: the finiteness vote, the
+    fast engine's floating-point guard (docs/sharp-edges.md, item 17; deferred to the
+    step's read, Engine.defer_guard) and the logged row (loss, accuracy, median norm,
+    clip fraction) come back together. No per-layer or per-chunk sync."""
     one, chunks_one = _syncs_per_step(tiny_cfg, tmp_path, 256, monkeypatch)
     many, chunks_many = _syncs_per_step(tiny_cfg, tmp_path, 8, monkeypatch)  # ~8 chunks of 8
     assert chunks_one == 1 and chunks_many >= 6
-    assert many - chunks_many == one - chunks_one
-    # one for the step: the finiteness vote and the logged row (loss, accuracy, median
-    # norm, clip fraction) come back to the host together
-    assert one - chunks_one == 1
+    assert one == many == 1
+
+
+def test_without_deferral_the_guard_reads_once_per_chunk(tiny_cfg, tmp_path, monkeypatch):
+    monkeypatch.setattr(loop, "DEFER_GUARD", False)
+    many, chunks_many = _syncs_per_step(tiny_cfg, tmp_path, 8, monkeypatch)
+    assert chunks_many >= 6 and many == 1 + chunks_many
+
+
+def _run(cfg, out):
+    tr = Trainer(cfg.replace(out=str(out)), progress=False, log=lambda *_: None)
+    tr.run()
+    return tr
+
+
+def test_a_step_the_deferred_guard_flags_is_computed_again_synchronously(
+    tiny_cfg, tmp_path, monkeypatch
+):
+    """Every example made a suspect: the deferred guard flags every step, which is
+    computed again with the guard synchronous (every example rescued explicitly), and
+    the run ends bit for bit where the run with the guard synchronous throughout ends."""
+    cfg = tiny_cfg.replace(epochs=0.1, diag_every=1, physical_batch=16)
+    real = ghost._suspects
+    monkeypatch.setattr(ghost, "_suspects", lambda sq, *a, **k: torch.ones_like(real(sq, *a, **k)))
+    monkeypatch.setattr(loop, "DEFER_GUARD", False)
+    sync = _run(cfg, tmp_path / "sync")
+    assert sync.guard_redone == 0
+    monkeypatch.setattr(loop, "DEFER_GUARD", True)
+    deferred = Trainer(  # the same seeded run, its noise reproduced
+        cfg.replace(out=str(tmp_path / "deferred")),
+        progress=False,
+        log=lambda *_: None,
+        noise_nonce=sync.rng.noise_nonce,
+    )
+    deferred.run()
+    assert deferred.guard_redone == deferred.step >= 2
+    assert any(layer.guarded for layer in deferred.engine.layers)  # the redo rescued them
+    for (n, x), (_, y) in zip(sync.model.state_dict().items(), deferred.model.state_dict().items()):
+        assert torch.equal(x, y), n
+    read = {
+        name: [pd.read_csv(tmp_path / run / name) for run in ("sync", "deferred")]
+        for name in ("metrics.csv", "diagnostics.csv")
+    }
+    assert list(read["metrics.csv"][0]["step"]) == list(read["metrics.csv"][1]["step"])
+    assert read["metrics.csv"][0]["loss"].tolist() == read["metrics.csv"][1]["loss"].tolist()
+    pd.testing.assert_frame_equal(*read["diagnostics.csv"])  # each step logged once
+
+
+def test_an_ordinary_run_is_never_computed_twice(tiny_cfg, tmp_path):
+    tr = _run(tiny_cfg.replace(epochs=0.1), tmp_path / "run")
+    assert tr.step >= 2 and tr.guard_redone == 0
 
 
 def test_the_step_makes_its_tensors_on_the_run_device(tiny_cfg):

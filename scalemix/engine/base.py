@@ -58,6 +58,21 @@ class Engine:
         self.clip = clip
         self.names = [n for n, p in model.named_parameters() if p.requires_grad]
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.pending_guard: list[torch.Tensor] = []
+
+    # The fast engine's floating-point guard (ghost.py) asks the host, per chunk, whether
+    # any example needs its explicit gradient. With ``defer_guard`` set (the trainer sets
+    # it) it asks nothing: each chunk leaves a device flag in ``pending_guard``, the
+    # trainer reads ``guard_flag()`` with the step's one host read, and a step whose flag
+    # is set is computed again with the guard synchronous, before anything is released.
+    defer_guard = False
+
+    def begin_step(self) -> None:
+        self.pending_guard: list[torch.Tensor] = []
+
+    def guard_flag(self) -> torch.Tensor | None:
+        """True (on the device) where a deferred guard found a suspect this step."""
+        return torch.stack(self.pending_guard).any() if self.pending_guard else None
 
     def zero_result(self, device: torch.device) -> ChunkResult:
         z = torch.zeros((), device=device)

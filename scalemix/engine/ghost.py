@@ -52,7 +52,9 @@ non-finite. Those examples alone are recomputed the explicit way: their per-exam
 gradients are materialised, their norms taken of them, and their terms of the clipped
 sum summed from the same tensors (the second product leaves them out). Layers whose
 norms and sums both come from kept per-example gradients need no guard. With no
-suspect, the guard costs the scale and one host synchronisation per chunk.
+suspect, the guard costs the scale and one host synchronisation per chunk; in training
+none (``Engine.defer_guard``: the flags join the step's one host read, and a flagged
+step is computed again with the guard synchronous).
 
 The K views of an example are one example: their positions are stacked (K*T rows) so
 the norm is taken of the gradient of the view-averaged loss, and the sensitivity stays
@@ -612,13 +614,20 @@ class GhostEngine(Engine):
             self._rescue(layer_sq, guards)
             return self._finish(layer_sq, finishers, loss, correct, b)
 
-    @staticmethod
-    def _rescue(layer_sq: list, guards: list) -> None:
+    def _rescue(self, layer_sq: list, guards: list) -> None:
         """The guard's fallback: each layer's suspect examples (``_suspects``) take their
         squared norms from their explicit per-example gradients, which their terms of the
         clipped sum will then come from. One host synchronisation per chunk, to know
-        whether there is any (there almost never is)."""
-        if not guards or not bool(torch.stack([s for _, s, _ in guards]).any()):
+        whether there is any (there almost never is); none with ``defer_guard``, where the
+        chunk only leaves its flag and the trainer redoes a flagged step synchronously
+        (its result, possibly clipped by inexact norms, is never released)."""
+        if not guards:
+            return
+        any_suspect = torch.stack([s for _, s, _ in guards]).any()
+        if self.defer_guard:
+            self.pending_guard.append(any_suspect)
+            return
+        if not bool(any_suspect):
             return
         for layer, suspect, rescue in guards:
             idx = suspect.nonzero().squeeze(1)

@@ -57,6 +57,11 @@ __all__ = ["Interrupted", "Trainer", "resolve_device", "train"]
 AUG_PAD = 4  # reflect-pad crops shift by up to 4 px (De et al. 2022)
 
 
+# The fast engine's floating-point guard joins the step's one host read (Engine.defer_guard);
+# off, it reads the host once per physical chunk (the reference the tests compare with).
+DEFER_GUARD = True
+
+
 class Trainer:
     """One training run. ``__init__`` sets it up (no file is written), ``train_step`` takes
     one DP step, ``run`` takes them all and writes the run directory (train/rundir.py)."""
@@ -194,6 +199,8 @@ class Trainer:
         # ---- counters, then the checkpoint's state over them
         self.step = 0
         self.train_seconds = 0.0
+        self.guard_redone = 0  # steps the deferred guard flagged and computed again (not written:
+        # a function of private data without noise, like the step times)
         self.images_seen = 0
         self.abandoned_steps = 0  # steps released by earlier attempts beyond their checkpoint
         self.last_eval: dict = {}
@@ -329,6 +336,28 @@ class Trainer:
                 views = self.rng.aug.views(self.step + 1, src, cfg.aug_mult, AUG_PAD)
             yield augment(x, cfg.aug_mult, None, cfg.aug, AUG_PAD, views=views), self.train_y[chunk]
 
+    def _clipped_sums(self, idx: torch.Tensor, idx_cpu: torch.Tensor):
+        """The step's clipped gradient sums over its chunks, with the summed loss and
+        correct count and every example's norm (None for a non-private engine): all on
+        the device, nothing read back."""
+        diag = self.diag
+        diag.begin_step(self.step + 1)
+        self.engine.begin_step()
+        grads = [torch.zeros_like(p) for p in self.engine.params]
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device)
+        norms = []
+        for i, (x, y) in enumerate(self._chunks(idx, idx_cpu)):
+            with diag.chunk_context(i), self._autocast():
+                r = self.engine(x, y)
+            diag.after_chunk(i, x, r)
+            torch._foreach_add_(grads, r.grads)
+            loss_sum += r.loss_sum
+            correct += r.correct
+            if r.norms is not None:
+                norms.append(r.norms)
+        return grads, loss_sum, correct, torch.cat(norms) if norms else None
+
     def train_step(self) -> dict:
         """One DP step. Everything private is computed first; then, in one block that no
         signal interrupts, the ledger, optimiser, schedule, EMA, step counter, random
@@ -346,38 +375,37 @@ class Trainer:
         self.model.train()
         if self.public_x is not None:
             refresh_public_stats(self.model, self.public_x)
-        grads = [torch.zeros_like(p) for p in self.engine.params]
-        loss_sum = torch.zeros((), device=dev)
-        correct = torch.zeros((), device=dev)
-        norms = []
         diag = self.diag
-        diag.begin_step(self.step + 1)
-        for i, (x, y) in enumerate(self._chunks(idx, idx_cpu)):
-            with diag.chunk_context(i), self._autocast():
-                r = self.engine(x, y)
-            diag.after_chunk(i, x, r)
-            torch._foreach_add_(grads, r.grads)
-            loss_sum += r.loss_sum
-            correct += r.correct
-            if r.norms is not None:
-                norms.append(r.norms)
-        # One host synchronisation per step, whatever the number of chunks and layers: the
-        # finiteness vote (a non-finite loss or per-example norm releases nothing, and every
-        # rank stops at the same step) and the step's statistics come back together.
-        norm_all = torch.cat(norms) if norms else None
-        bad = ~torch.isfinite(loss_sum)
-        if norm_all is not None:
-            bad = bad | ~torch.isfinite(norm_all).all()
-        summed = [bad, loss_sum, correct]  # summed over the ranks (one collective)
-        if self.world.distributed:
-            summed.append(torch.full((), float(len(idx)), device=dev))
-        summed = torch.stack([t.float() for t in summed])
-        self.world.all_reduce_([summed])
-        local = []  # this rank's: the median norm, and the share above C (1 - m), the clip
-        if norm_all is not None:  # rule's threshold (engine/base.py)
-            above = norm_all > cfg.clip * (1 - clip_margin(norm_all.dtype))
-            local = [norm_all.median().float(), above.float().mean()]
-        vals = torch.cat([summed, torch.stack(local)]).tolist() if local else summed.tolist()
+        # The fast engine's guard is read with the step's one host read (Engine.defer_guard);
+        # a step it flags is computed again, the guard then synchronous, before anything
+        # of it is released (nothing random is drawn before the vote).
+        for attempt in range(2):
+            self.engine.defer_guard = DEFER_GUARD and attempt == 0
+            grads, loss_sum, correct, norm_all = self._clipped_sums(idx, idx_cpu)
+            guard = self.engine.guard_flag()
+            # One host synchronisation per step, whatever the number of chunks and layers:
+            # the finiteness vote (a non-finite loss or per-example norm releases nothing,
+            # and every rank stops at the same step), the guard's flag and the step's
+            # statistics come back together.
+            bad = ~torch.isfinite(loss_sum)
+            if norm_all is not None:
+                bad = bad | ~torch.isfinite(norm_all).all()
+            summed = [bad, loss_sum, correct]  # summed over the ranks (one collective)
+            if self.world.distributed:
+                summed.append(torch.full((), float(len(idx)), device=dev))
+            if self.engine.defer_guard:  # every rank redoes the step if one was flagged
+                summed.append(guard if guard is not None else torch.zeros((), device=dev))
+            summed = torch.stack([t.float() for t in summed])
+            self.world.all_reduce_([summed])
+            local = []  # this rank's: the median norm, and the share above C (1 - m), the
+            if norm_all is not None:  # clip rule's threshold (engine/base.py)
+                above = norm_all > cfg.clip * (1 - clip_margin(norm_all.dtype))
+                local = [norm_all.median().float(), above.float().mean()]
+            vals = torch.cat([summed, torch.stack(local)]).tolist() if local else summed.tolist()
+            if not (self.engine.defer_guard and vals[len(summed) - 1] > 0):
+                break
+            self.guard_redone += 1
+        self.engine.defer_guard = False
         if vals[0] > 0:
             raise Diverged(
                 f"non-finite training loss or per-example gradient at step {self.step + 1}"
