@@ -147,3 +147,12 @@ def test_config_records_where_the_keystream_is_made(tiny_cfg, digits8, monkeypat
     assert resolved["keystream"] == "ChaCha20 on the host (OpenSSL)"
     monkeypatch.setenv("SCALEMIX_CHACHA", "device")
     assert "kernel on cpu" in SecretStream.source(CPU)
+
+
+@pytest.mark.parametrize("kernel", [False, True])
+def test_an_augmentation_step_outside_the_nonce_word_is_refused(monkeypatch, kernel):
+    monkeypatch.setattr(SecretStream, "device_kernel", kernel)
+    aug = AugStream(b"a" * 32)
+    aug.words(2**32 - 1, torch.tensor([3]), 1)  # the last step the 32-bit word holds
+    with pytest.raises(ValueError, match="2\\^32"):
+        aug.words(2**32, torch.tensor([3]), 1)

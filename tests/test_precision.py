@@ -66,3 +66,45 @@ def test_a_bf16_training_step_runs_and_the_vmap_engine_is_refused(tmp_path):
 
     with pytest.raises(ConfigError, match="needs --engine scalemix"):
         cfg.replace(engine="vmap").validate()
+
+
+def test_group_norm_stays_bf16_under_bf16_autocast_with_fp32_master_weights():
+    """CUDA's autocast runs GroupNorm in fp32, so every normalised activation between two
+    bf16 convolutions would be stored in fp32; the family's GroupNorm casts to bf16 and
+    lets torch's kernel accumulate its statistics in fp32 (models/layers.py)."""
+    from scalemix.models.layers import GroupNorm, make_norm
+
+    norm = make_norm("group", 8, groups=2)
+    assert isinstance(norm, GroupNorm) and isinstance(norm, torch.nn.GroupNorm)
+    x = 3 * torch.randn(4, 8, 5, 5) + 1  # an fp32 input, as autocast's fp32 policy would give
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = norm(x)
+        plain = torch.nn.GroupNorm(2, 8)(x)
+    assert out.dtype == torch.bfloat16 and plain.dtype == torch.float32
+    assert torch.allclose(out.float(), plain, atol=0.05)  # bf16 rounding, fp32 statistics
+    out.float().square().sum().backward()
+    assert norm.weight.dtype == norm.weight.grad.dtype == torch.float32  # fp32 master weights
+    assert norm(x).dtype == torch.float32  # outside autocast: nn.GroupNorm
+
+
+def test_resnet9_activations_between_layers_are_bf16():
+    """Under --precision bf16 every tensor the forward pass saves for the backward pass,
+    but the input image's, is bf16 (half the activation memory of fp32)."""
+    model = create_model("resnet9_tiny", num_classes=10, in_channels=3)
+    saved: list[torch.Tensor] = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    x = torch.randn(4, 3, 8, 8)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(x)
+    params = {p.data_ptr() for p in model.parameters()}
+    fp32 = [
+        t for t in saved
+        if t.dtype == torch.float32 and t.numel() > 64 and t.data_ptr() not in params
+        and t.data_ptr() != x.data_ptr()
+    ]  # fmt: skip
+    assert not fp32, [tuple(t.shape) for t in fp32]

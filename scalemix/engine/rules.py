@@ -104,7 +104,10 @@ class AffineNormRule(Rule):
         sample of N C channels and N G groups, so each (row, group) keeps its own
         statistics, and the kernel's gamma and beta sums over "the batch" (of one) are the
         per-row, per-channel sums. Only gamma and beta are asked for, so the weight passed
-        (ones) is never read into a result."""
+        (ones) is never read into a result. The kernel forms gamma as (sum g x - mean sum
+        g) rstd, which loses digits where a group's mean dwarfs its spread (as the
+        normalise-and-multiply way does, less so); the clip bound does not depend on it:
+        norm and clipped sum come from these same per-example tensors."""
         n, c = a.shape[:2]
         hw = a[0, 0].numel()
         groups = n * m.num_groups

@@ -93,14 +93,47 @@ def group_count(groups: int, channels: int, where: str = "") -> int:
     return g
 
 
+def _bf16_autocast(device_type: str) -> bool:
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+        dtype = torch.get_autocast_dtype(device_type)
+    except (TypeError, AttributeError):  # torch < 2.4: one flag and dtype per device kind
+        cpu = device_type == "cpu"
+        enabled = torch.is_autocast_cpu_enabled() if cpu else torch.is_autocast_enabled()
+        dtype = torch.get_autocast_cpu_dtype() if cpu else torch.get_autocast_gpu_dtype()
+    return enabled and dtype == torch.bfloat16
+
+
+class GroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` that stays in bf16 under bf16 autocast (``--precision bf16``).
+
+    Autocast runs GroupNorm in fp32, so every normalised activation (and the activation
+    function after it) would be stored in fp32 between two bf16 convolutions. Here the
+    input, gamma and beta are cast to bf16 and torch's GroupNorm kernel accumulates the
+    statistics in fp32 and writes bf16: the activations flowing between layers, and
+    those the backward pass and the DP engine keep, are bf16. The parameters stay fp32
+    (the master weights); outside bf16 autocast this is ``nn.GroupNorm``. The DP engine
+    takes every per-example gradient, norm and clipped sum in fp32 (engine/base.py)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dev = x.device.type
+        if not _bf16_autocast(dev):
+            return super().forward(x)
+        bf16 = torch.bfloat16
+        w = None if self.weight is None else self.weight.to(bf16)
+        b = None if self.bias is None else self.bias.to(bf16)
+        with torch.autocast(dev, enabled=False):
+            return F.group_norm(x.to(bf16), self.num_groups, w, b, self.eps)
+
+
 def make_norm(kind: str, channels: int, groups: int = 32, where: str = "") -> nn.Module:
     """One normalisation layer over ``channels`` channels (NCHW input)."""
     if kind == "group":
-        return nn.GroupNorm(group_count(groups, channels, where), channels)
+        return GroupNorm(group_count(groups, channels, where), channels)
     if kind == "layer":  # normalise over (C, H, W) per example
-        return nn.GroupNorm(1, channels)
+        return GroupNorm(1, channels)
     if kind == "instance":  # normalise over (H, W) per example and channel, affine
-        return nn.GroupNorm(channels, channels)
+        return GroupNorm(channels, channels)
     if kind == "none":
         return nn.Identity()
     if kind == "public_batch":

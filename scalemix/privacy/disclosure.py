@@ -18,11 +18,14 @@ NOT_COVERED: dict[str, dict[str, str]] = {
         "train_acc": "training accuracy on the private batch, without noise",
         "grad_norm_median": "median per-example gradient norm of private examples",
         "clip_fraction": "fraction of private examples whose gradient was clipped",
-        "step_seconds": "step time grows with |B_t| (a timing side channel)",
+        "step_seconds": "step time grows with |B_t|, and about doubles when the fast engine's "
+        "rounding guard flags an example of the batch, which a chosen example can be made to "
+        "do (a timing side channel)",
         "images_per_second": "|B_t| divided by the step time",
     },
     "epochs.csv": {
-        "train_seconds": "cumulative step time (depends on every |B_t|)",
+        "train_seconds": "cumulative step time (depends on every |B_t| and on the steps "
+        "the rounding guard computed twice)",
     },
     "diagnostics.csv": {
         "rows with source = train": "block statistics and gradient norms / SNR / clip "

@@ -501,7 +501,9 @@ class AugStream:
         at ``step``, on ``index``'s device: there by the ChaCha20 kernel, all examples in
         one pass, where ``SecretStream.on_device`` says so; else one OpenSSL call each."""
         n_words = self.WORD_BYTES // 4 * k
-        if SecretStream.on_device(index.device):
+        if not 0 <= int(step) < 2**32:  # the nonce's 32-bit step word (OpenSSL refuses too)
+            raise ValueError(f"an augmentation step must be in [0, 2^32), got {step}")
+        if SecretStream.on_device(index.device):  # (indices come from the sampler: >= 0)
             i = index.to(torch.int64)
             tails = torch.stack([torch.full_like(i, int(step)), i & 0xFFFFFFFF, i >> 32], dim=1)
             return chacha.per_row_words(self._key, tails, n_words).reshape(len(index), k, 3)

@@ -405,6 +405,7 @@ class Trainer:
             if not (self.engine.defer_guard and vals[len(summed) - 1] > 0):
                 break
             self.guard_redone += 1
+            grads.clear()  # the first attempt's sums are not kept during the redo
         self.engine.defer_guard = False
         if vals[0] > 0:
             raise Diverged(
