@@ -81,7 +81,7 @@ def test_training_diagnostics_match_an_independent_computation(tiny_cfg, digits8
     noise = tr.sigma * cfg.clip
     # rel 5e-3: on rare batches (the test's seed key, so its batch, is new each session)
     # the vmap engine's fp32 signal differs from the one-example-at-a-time fp32 reference
-    # by 1e-3 to 2e-3 (seen in about 1 session in 10); a wrong formula is off by far more
+    # by 1e-3 to 2e-3 (seen in about 1 session in 8); a wrong formula is off by far more
     tol = 5e-3
     for li, (layer, idx) in enumerate(groups):
         d = sum(params[j].numel() for j in idx)
