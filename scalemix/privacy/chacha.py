@@ -4,12 +4,13 @@
 The secure noise and the augmentation offsets are ChaCha20 keystream (privacy/randomness.py).
 Made on the host, a ResNet-9 step's noise is ~15 MB of keystream copied to the device in
 pieces, and the augmentation one cipher call per example; on a GPU the host then sits on
-the step's critical path. ``keystream_words`` makes the same words where they are used:
-on a CUDA device by the block function below, vectorised over blocks (every block of a
-draw, or one block row per example, in one pass of ~600 element-wise kernels), on the CPU
-by OpenSSL, which is faster there. ``tests/test_chacha.py`` checks the torch kernel
-against OpenSSL word for word, at block-counter offsets and per-column nonces, and that
-the noise and the augmentation made through either are the same bits.
+the step's critical path. ``torch_keystream_words`` and ``per_row_words`` make the same
+words where they are used: on a CUDA device by the block function below, vectorised over
+blocks (every block of a draw, or one block row per example, in one pass of ~760
+element-wise kernels); on the CPU ``openssl`` makes them, faster there.
+``tests/test_chacha.py`` checks the torch kernel against OpenSSL word for word, at
+block-counter offsets and per-row nonces, and that the noise and the augmentation made
+through either are the same bits.
 
 Words are carried as int64 tensors holding values in [0, 2^32): every sum is masked back
 to 32 bits, so the arithmetic is exact on any device (no reliance on int32 wrap-around,
@@ -97,13 +98,19 @@ def torch_keystream_words(
     return words[skip : skip + n_words]
 
 
+def openssl(key: bytes, nonce: bytes):
+    """OpenSSL's ChaCha20 keystream for ``nonce`` (via ``cryptography``), on the host:
+    read it with ``.update(bytes(n))``."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+    return Cipher(algorithms.ChaCha20(key, nonce), mode=None).encryptor()
+
+
 def openssl_keystream_words(
     key: bytes, nonce: bytes, first_word: int, n_words: int
 ) -> torch.Tensor:
-    """The same words from OpenSSL (``cryptography``), on the CPU."""
-    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
-
-    enc = Cipher(algorithms.ChaCha20(key, nonce), mode=None).encryptor()
+    """The same words as ``torch_keystream_words``, from OpenSSL, on the CPU."""
+    enc = openssl(key, nonce)
     if first_word:
         enc.update(bytes(4 * first_word))
     raw = enc.update(bytes(4 * n_words))

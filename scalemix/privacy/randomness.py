@@ -209,17 +209,20 @@ class SecretStream:
             return f"ChaCha20 kernel on {device.type} (privacy/chacha.py)"
         return "ChaCha20 on the host (OpenSSL)"
 
+    def _next_nonce(self) -> bytes:
+        """The next draw's nonce, as ``cryptography`` takes it: a 4-byte block counter (0)
+        then the 12-byte draw count. Every draw takes one, used or not."""
+        nonce = (0).to_bytes(4, "little") + self.draws.to_bytes(12, "little")
+        self.draws += 1
+        return nonce
+
     def _draw(self, device: torch.device):
         """The next draw: a reader ``(first_word, n_words) -> int64 words in [0, 2^32)`` on
         ``device``, read in order from word 0 (ChaCha20 block counter from 0)."""
-        # cryptography's 16-byte ChaCha20 nonce: 4-byte block counter || 12-byte nonce.
-        nonce = (0).to_bytes(4, "little") + self.draws.to_bytes(12, "little")
-        self.draws += 1
+        nonce = self._next_nonce()
         if self.on_device(device):
             return lambda first, n: chacha.torch_keystream_words(self._key, nonce, first, n, device)
-        from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
-
-        enc = Cipher(algorithms.ChaCha20(self._key, nonce), mode=None).encryptor()
+        enc = chacha.openssl(self._key, nonce)
         read = [0]
 
         def words(first: int, n: int) -> torch.Tensor:
@@ -232,11 +235,7 @@ class SecretStream:
 
     def random_bytes(self, n: int) -> bytes:
         """The next draw: ``n`` bytes of keystream (on the host)."""
-        from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
-
-        nonce = (0).to_bytes(4, "little") + self.draws.to_bytes(12, "little")
-        self.draws += 1
-        return Cipher(algorithms.ChaCha20(self._key, nonce), mode=None).encryptor().update(bytes(n))
+        return chacha.openssl(self._key, self._next_nonce()).update(bytes(n))
 
     @staticmethod
     def _to_tensor(raw: bytes, device: torch.device) -> torch.Tensor:
@@ -507,14 +506,10 @@ class AugStream:
             i = index.to(torch.int64)
             tails = torch.stack([torch.full_like(i, int(step)), i & 0xFFFFFFFF, i >> 32], dim=1)
             return chacha.per_row_words(self._key, tails, n_words).reshape(len(index), k, 3)
-        from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
-
         zeros = bytes(4 * n_words)
         head = (0).to_bytes(4, "little") + int(step).to_bytes(4, "little")
         raw = b"".join(
-            Cipher(algorithms.ChaCha20(self._key, head + int(i).to_bytes(8, "little")), mode=None)
-            .encryptor()
-            .update(zeros)
+            chacha.openssl(self._key, head + int(i).to_bytes(8, "little")).update(zeros)
             for i in index.tolist()
         )
         w = (
